@@ -1,0 +1,1 @@
+//! tokio runtime adapter for tether-core.

@@ -1,0 +1,77 @@
+//! Project automation, run as `cargo xtask <command>`.
+//!
+//! * `ci`    — the README's test command: every gate CI runs, in order, stopping at the first failure.
+//! * `nostd` — builds each no_std crate against a sysroot that holds only `core` and
+//!   `compiler_builtins`, so any use of `std` or `alloc` (directly or through a dependency)
+//!   fails to compile.
+//! * `smoke` — builds the `#![no_std] #![no_main]` smoke binary alone, checks that it links no
+//!   `std` or `alloc` code, runs it and reports its size.
+
+mod nostd;
+mod smoke;
+mod step;
+
+use std::process::ExitCode;
+
+const USAGE: &str = "usage: cargo xtask <ci | nostd | smoke>
+
+  ci     fmt, clippy, tests, nostd, smoke (stops at the first failure)
+  nostd  build every no_std crate against a core-only sysroot
+  smoke  build and run the no_std smoke binary";
+
+fn main() -> ExitCode {
+    let args: Vec<String> = std::env::args().skip(1).collect();
+    let result = match args.first().map(String::as_str) {
+        Some("ci") => ci(),
+        Some("nostd") => step::run_all(&nostd::steps()),
+        Some("smoke") => step::run_all(&[smoke::step()]),
+        Some("-h" | "--help") => {
+            println!("{USAGE}");
+            return ExitCode::SUCCESS;
+        }
+        other => {
+            eprintln!("xtask: unknown command {other:?}\n{USAGE}");
+            return ExitCode::from(2);
+        }
+    };
+    match result {
+        Ok(()) => ExitCode::SUCCESS,
+        Err(failure) => {
+            eprintln!("xtask: {failure}");
+            ExitCode::FAILURE
+        }
+    }
+}
+
+/// Every gate, in the order the README promises.
+fn ci() -> Result<(), step::Failure> {
+    let mut steps = vec![
+        step::Step::cargo("fmt", &["fmt", "--all", "--check"]),
+        step::Step::cargo(
+            "fmt (fuzz workspace)",
+            &["fmt", "--manifest-path", "core/fuzz/Cargo.toml", "--check"],
+        ),
+        step::Step::cargo(
+            "clippy",
+            &["clippy", "--all-targets", "--", "-D", "warnings"],
+        ),
+        step::Step::cargo(
+            "clippy tether-core --features defmt",
+            &[
+                "clippy",
+                "-p",
+                "tether-core",
+                "--all-targets",
+                "--features",
+                "defmt",
+                "--",
+                "-D",
+                "warnings",
+            ],
+        ),
+        step::Step::cargo("test", &["test"]),
+    ];
+    steps.extend(nostd::steps());
+    steps.push(smoke::step());
+    step::run_all(&steps)
+}
