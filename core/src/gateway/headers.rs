@@ -1,0 +1,95 @@
+//! Which client headers reach the agent, and the impersonation header the control plane sets.
+
+use crate::relay::{RequestError, validate_header_name, validate_header_value};
+use crate::wire::HeaderList;
+
+/// Request headers never forwarded to the agent (compared ignoring ASCII case): hop-by-hop headers,
+/// the client's own credentials (the agent authenticates upstream with its own), `Host`, and the
+/// WebSocket handshake headers the agent's dialer generates itself. `Sec-WebSocket-Protocol` travels
+/// in the start's `protocol` field instead.
+pub const DROPPED_HEADERS: &[&str] = &[
+    "authorization",
+    "connection",
+    "content-length",
+    "host",
+    "http2-settings",
+    "keep-alive",
+    "proxy-authenticate",
+    "proxy-authorization",
+    "proxy-connection",
+    "sec-websocket-accept",
+    "sec-websocket-extensions",
+    "sec-websocket-key",
+    "sec-websocket-protocol",
+    "sec-websocket-version",
+    "te",
+    "trailer",
+    "transfer-encoding",
+    "upgrade",
+];
+
+/// Prefix of the impersonation headers (`Impersonate-User`, `-Group`, `-Uid`, `-Extra-*`): every
+/// client-sent one is dropped; only the control plane sets `Impersonate-User`.
+pub const IMPERSONATE_PREFIX: &str = "impersonate-";
+
+/// Whether a client request header named `name` is forwarded to the agent.
+#[must_use]
+pub fn is_forwarded(name: &[u8]) -> bool {
+    let prefix = IMPERSONATE_PREFIX.as_bytes();
+    let impersonate =
+        name.len() >= prefix.len() && name[..prefix.len()].eq_ignore_ascii_case(prefix);
+    !impersonate
+        && !DROPPED_HEADERS
+            .iter()
+            .any(|d| d.as_bytes().eq_ignore_ascii_case(name))
+}
+
+/// The client's headers as they reach the agent: [`is_forwarded`] ones in order, then
+/// `Impersonate-User: <user>` when a user is given.
+#[derive(Debug, Clone, Copy)]
+pub(crate) struct Forwarded<'a> {
+    pub(crate) inner: &'a dyn HeaderList,
+    pub(crate) user: Option<&'a str>,
+}
+
+impl Forwarded<'_> {
+    fn kept(&self) -> impl Iterator<Item = (&[u8], &[u8])> + '_ {
+        (0..self.inner.count())
+            .map(|i| self.inner.pair(i))
+            .filter(|(name, _)| is_forwarded(name))
+    }
+
+    /// Checks every forwarded name and value (and the user) so nothing can inject into the upstream
+    /// request.
+    pub(crate) fn validate(&self) -> Result<(), RequestError> {
+        for (name, value) in self.kept() {
+            let name = core::str::from_utf8(name).map_err(|_| RequestError::HeaderName)?;
+            let value = core::str::from_utf8(value).map_err(|_| RequestError::HeaderValue)?;
+            validate_header_name(name.chars())?;
+            validate_header_value(value.chars())?;
+        }
+        if let Some(user) = self.user {
+            if user.is_empty() {
+                return Err(RequestError::HeaderValue);
+            }
+            validate_header_value(user.chars())?;
+        }
+        Ok(())
+    }
+}
+
+impl HeaderList for Forwarded<'_> {
+    fn count(&self) -> usize {
+        self.kept().count() + usize::from(self.user.is_some())
+    }
+
+    fn pair(&self, i: usize) -> (&[u8], &[u8]) {
+        match self.kept().nth(i) {
+            Some(pair) => pair,
+            None => match self.user {
+                Some(user) => (b"Impersonate-User", user.as_bytes()),
+                None => (&[], &[]),
+            },
+        }
+    }
+}

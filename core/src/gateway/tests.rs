@@ -1,0 +1,1204 @@
+//! Gateway scenarios: a test driver plays the agent (feeds envelopes, decodes what the gateway
+//! transmits) and the clients (pops messages, reports closes), with a simulated clock; golden
+//! encodings pin the wire; a paired test drives the agent [`Relay`](crate::relay::Relay) and the
+//! gateway against each other in memory (the quinn `Pair` idea).
+
+use std::collections::BTreeMap;
+use std::format;
+use std::string::{String, ToString};
+use std::vec;
+use std::vec::Vec;
+
+use super::*;
+use crate::relay::RequestError;
+use crate::ring::Payload;
+use crate::time::Duration;
+use crate::wire::{Base64Str, DataFrame};
+
+/// Owned test buffer (the tokio adapter's shape).
+#[derive(Clone, Debug, PartialEq, Eq)]
+struct Bytes(Vec<u8>);
+
+impl Payload for Bytes {
+    fn len(&self) -> usize {
+        self.0.len()
+    }
+}
+
+impl PayloadBuf for Bytes {
+    fn from_slice(bytes: &[u8]) -> Option<Self> {
+        Some(Self(bytes.to_vec()))
+    }
+
+    fn as_bytes(&self) -> &[u8] {
+        &self.0
+    }
+}
+
+const RING: usize = 8;
+type TestGateway = Gateway<Bytes, 4, RING>;
+
+const EPOCH: UnixTime = UnixTime::new(0, 0);
+const STAMP: &str = "1970-01-01T00:00:00.000000000Z";
+
+/// One tunnel message the gateway sent, decoded.
+#[derive(Clone, Debug, Default, PartialEq, Eq)]
+struct Sent {
+    kind: String,
+    request_id: Option<String>,
+    stream_id: Option<String>,
+    data: Option<(u8, Vec<u8>)>,
+    code: Option<u64>,
+    reason: Option<String>,
+    error: Option<String>,
+    raw: String,
+}
+
+fn decode_sent(frame: &[u8]) -> Sent {
+    let env = Envelope::parse(frame).expect("gateway sent an invalid envelope");
+    let p = env.payload;
+    let s = |k: &str| p.get(k).and_then(|v| v.as_str()).map(|v| v.to_string());
+    let data = p.get("data").and_then(|v| v.as_str()).map(|b64| {
+        let mut out = vec![0u8; 1 << 16];
+        let raw = Base64Str(b64).decode_into(&mut out).unwrap();
+        let frame = DataFrame::parse(raw).unwrap();
+        let (head, head_len, body) = frame.parts();
+        let mut payload = head[1..head_len].to_vec();
+        payload.extend_from_slice(body);
+        (head[0], payload)
+    });
+    Sent {
+        kind: env.type_name.to_string(),
+        request_id: env.request_id.map(|r| r.to_string()),
+        stream_id: s("stream_id"),
+        data,
+        code: p
+            .get("code")
+            .and_then(|v| v.as_number())
+            .and_then(|n| n.as_u64()),
+        reason: s("reason"),
+        error: s("error"),
+        raw: String::from_utf8(frame.to_vec()).unwrap(),
+    }
+}
+
+fn b64(raw: &[u8]) -> String {
+    let mut out = vec![0u8; crate::wire::b64::encoded_len(raw.len())];
+    let n = crate::wire::b64::encode(raw, &mut out).unwrap();
+    String::from_utf8(out[..n].to_vec()).unwrap()
+}
+
+fn register_json(extensions: bool) -> String {
+    let ext = if extensions {
+        r#","extensions":{"websocket_started":true,"websocket_close_code":true,"proxy_error_status":true}"#
+    } else {
+        ""
+    };
+    format!(
+        r#"{{"type":"register","request_id":"req_1_a1","payload":{{"agent_id":"a1","name":"edge"{ext}}},"timestamp":"2026-11-26T10:00:00Z"}}"#
+    )
+}
+
+fn started_json(id: &str, protocol: &str) -> String {
+    format!(
+        r#"{{"type":"proxy_websocket_started","request_id":"{id}","payload":{{"stream_id":"{id}","protocol":"{protocol}"}}}}"#
+    )
+}
+
+fn data_json(id: &str, opcode: u8, payload: &[u8]) -> String {
+    let mut raw = vec![opcode];
+    raw.extend_from_slice(payload);
+    format!(
+        r#"{{"type":"proxy_websocket_data","request_id":"{id}","payload":{{"stream_id":"{id}","data":"{}"}}}}"#,
+        b64(&raw)
+    )
+}
+
+fn close_json(id: &str, code: Option<u16>) -> String {
+    let code = code
+        .map(|c| format!(r#","code":{c},"reason":"done""#))
+        .unwrap_or_default();
+    format!(
+        r#"{{"type":"proxy_websocket_close","request_id":"{id}","payload":{{"stream_id":"{id}"{code}}}}}"#
+    )
+}
+
+fn error_json(id: &str, status: Option<u16>) -> String {
+    let status = status
+        .map(|s| format!(r#","status":{s}"#))
+        .unwrap_or_default();
+    format!(
+        r#"{{"type":"proxy_error","request_id":"{id}","payload":{{"request_id":"{id}","error":"failed to connect to K8s API: forbidden"{status}}}}}"#
+    )
+}
+
+const EXEC: &str = "/api/v1/namespaces/default/pods/demo/exec";
+
+/// kubectl's upgrade headers, with impersonation it must not be able to choose.
+const KUBECTL_HEADERS: [(&str, &str); 8] = [
+    ("Authorization", "Bearer user-secret"),
+    ("Connection", "Upgrade"),
+    ("Impersonate-Group", "system:masters"),
+    ("impersonate-user", "root"),
+    ("Sec-WebSocket-Key", "Zm0czECq55kLy7wb63qLqw=="),
+    ("Sec-WebSocket-Protocol", "v5.channel.k8s.io"),
+    ("User-Agent", "kubectl/v1.32.4"),
+    ("Kubectl-Command", "kubectl exec"),
+];
+
+struct Harness {
+    gw: TestGateway,
+    now: Instant,
+    scratch: Vec<u8>,
+    sent: Vec<Sent>,
+    events: Vec<Event>,
+    /// What each client received.
+    client: BTreeMap<String, Vec<(MessageKind, Vec<u8>)>>,
+    auto_pop: bool,
+}
+
+impl Harness {
+    fn new() -> Self {
+        let now = Instant::from_secs(1_000);
+        Self {
+            gw: Gateway::new(Config::default(), "c1", now),
+            now,
+            scratch: vec![0; 1 << 16],
+            sent: Vec::new(),
+            events: Vec::new(),
+            client: BTreeMap::new(),
+            auto_pop: true,
+        }
+    }
+
+    fn registered(extensions: bool) -> Self {
+        let mut h = Self::new();
+        assert_eq!(h.feed(&register_json(extensions)), Ok(Got::Consumed));
+        h.drive();
+        assert_eq!(h.take_sent()[0].kind, "register_success");
+        assert!(matches!(h.take_events()[..], [Event::Registered { .. }]));
+        h
+    }
+
+    fn feed(&mut self, json: &str) -> Result<Got, TunnelError> {
+        let handled =
+            self.gw
+                .handle_tunnel_message(self.now, json.as_bytes(), &mut self.scratch)?;
+        Ok(match handled {
+            Handled::Consumed => Got::Consumed,
+            Handled::ResponseHead(h) => Got::Head {
+                stream: h.stream.to_string(),
+                status: h.status,
+                headers: h
+                    .headers
+                    .iter()
+                    .flat_map(|(n, v)| {
+                        let n = n.to_string();
+                        v.map(move |v| (n.clone(), v.to_string()))
+                    })
+                    .collect(),
+            },
+            Handled::Other(env, _) => Got::Other(env.type_name.to_string()),
+        })
+    }
+
+    fn drive(&mut self) {
+        let mut buf = vec![0u8; 1 << 17];
+        loop {
+            let mut progressed = false;
+            while let Some(n) = self.gw.poll_transmit(self.now, EPOCH, &mut buf).unwrap() {
+                self.sent.push(decode_sent(&buf[..n]));
+                progressed = true;
+            }
+            while let Some(event) = self.gw.poll_event() {
+                if let Event::DataForClient(id) = &event
+                    && self.auto_pop
+                {
+                    self.pop_all(id.as_str());
+                }
+                self.events.push(event);
+                progressed = true;
+            }
+            if !progressed {
+                break;
+            }
+        }
+    }
+
+    fn pop_all(&mut self, id: &str) {
+        while let Some(m) = self.gw.pop_client(id) {
+            self.client
+                .entry(id.to_string())
+                .or_default()
+                .push((m.kind, m.payload.0));
+        }
+    }
+
+    fn open(&mut self, id: &str) -> Result<(), OpenError> {
+        let req = StreamRequest {
+            id,
+            path: EXEC,
+            query: "command=sh&stdin=true&stdout=true",
+            headers: &KUBECTL_HEADERS,
+            protocols: "v5.channel.k8s.io",
+            user: Some("alice"),
+        };
+        let r = self
+            .gw
+            .open_stream(self.now, EPOCH, &req, &mut self.scratch);
+        self.drive();
+        r
+    }
+
+    /// Opens `id` and acknowledges it as the agent would.
+    fn open_started(&mut self, id: &str) {
+        self.open(id).unwrap();
+        assert_eq!(
+            self.feed(&started_json(id, "v5.channel.k8s.io")),
+            Ok(Got::Consumed)
+        );
+        self.drive();
+        self.sent.clear();
+        self.events.clear();
+    }
+
+    fn request(&mut self, id: &str) -> Result<(), OpenError> {
+        let req = HttpRequest {
+            id,
+            method: "GET",
+            path: "/api/v1/namespaces/default/pods/demo/log",
+            query: "follow=true",
+            headers: &[("Accept", "application/json"), ("Impersonate-Uid", "0")],
+            user: Some("alice"),
+            body: b"",
+        };
+        let r = self
+            .gw
+            .open_request(self.now, EPOCH, &req, &mut self.scratch);
+        self.drive();
+        r
+    }
+
+    fn client_send(
+        &mut self,
+        id: &str,
+        kind: MessageKind,
+        payload: &[u8],
+    ) -> Result<(), SendError<Bytes>> {
+        let r = self
+            .gw
+            .handle_client_message(self.now, id, kind, Bytes(payload.to_vec()));
+        self.drive();
+        r
+    }
+
+    fn take_sent(&mut self) -> Vec<Sent> {
+        core::mem::take(&mut self.sent)
+    }
+
+    fn take_events(&mut self) -> Vec<Event> {
+        core::mem::take(&mut self.events)
+    }
+
+    fn received(&self, id: &str) -> Vec<(MessageKind, Vec<u8>)> {
+        self.client.get(id).cloned().unwrap_or_default()
+    }
+}
+
+#[derive(Debug, PartialEq, Eq)]
+enum Got {
+    Consumed,
+    Head {
+        stream: String,
+        status: u16,
+        headers: Vec<(String, String)>,
+    },
+    Other(String),
+}
+
+fn sid(s: &str) -> StreamId {
+    StreamId::new(s).unwrap()
+}
+
+fn s<const N: usize>(text: &str) -> heapless::String<N> {
+    truncated(text.chars())
+}
+
+// -------------------------------------------------------------------------------------------------
+// Golden encodings
+
+#[test]
+fn golden_register_success_advertises_extensions() {
+    let mut h = Harness::new();
+    h.feed(&register_json(true)).unwrap();
+    h.drive();
+    assert_eq!(
+        h.sent[0].raw,
+        format!(
+            r#"{{"type":"register_success","request_id":"req_1_a1","payload":{{"cluster_id":"c1","extensions":{{"websocket_started":true,"websocket_close_code":true,"proxy_error_status":true}}}},"timestamp":"{STAMP}"}}"#
+        )
+    );
+    assert_eq!(
+        h.events,
+        [Event::Registered {
+            agent_id: s("a1"),
+            extensions: Extensions::ALL
+        }]
+    );
+    assert!(h.gw.is_registered());
+}
+
+#[test]
+fn golden_websocket_start_filters_headers_and_impersonates() {
+    let mut h = Harness::registered(true);
+    h.open("s1").unwrap();
+    let sent = h.take_sent();
+    assert_eq!(sent.len(), 1);
+    assert_eq!(
+        sent[0].raw,
+        format!(
+            r#"{{"type":"proxy_websocket_start","request_id":"s1","payload":{{"stream_id":"s1","method":"GET","path":"{EXEC}","query":"command=sh&stdin=true&stdout=true","headers":{{"User-Agent":["kubectl/v1.32.4"],"Kubectl-Command":["kubectl exec"],"Impersonate-User":["alice"]}},"protocol":"v5.channel.k8s.io"}},"timestamp":"{STAMP}"}}"#
+        )
+    );
+}
+
+#[test]
+fn golden_data_close_cancel_request() {
+    let mut h = Harness::registered(true);
+    h.open_started("s1");
+    h.client_send("s1", MessageKind::Binary, b"\x00ls\n")
+        .unwrap();
+    h.gw.handle_client_closed(h.now, "s1", Some(Close::new(1000, "bye")))
+        .unwrap();
+    h.drive();
+    let sent = h.take_sent();
+    assert_eq!(
+        sent[0].raw,
+        format!(
+            r#"{{"type":"proxy_websocket_data","request_id":"s1","payload":{{"stream_id":"s1","data":"AgBscwo="}},"timestamp":"{STAMP}"}}"#
+        )
+    );
+    assert_eq!(
+        sent[1].raw,
+        format!(
+            r#"{{"type":"proxy_websocket_close","request_id":"s1","payload":{{"stream_id":"s1","code":1000,"reason":"bye"}},"timestamp":"{STAMP}"}}"#
+        )
+    );
+
+    h.request("r1").unwrap();
+    let sent = h.take_sent();
+    assert_eq!(
+        sent[0].raw,
+        format!(
+            r#"{{"type":"proxy_request","request_id":"r1","payload":{{"method":"GET","path":"/api/v1/namespaces/default/pods/demo/log","query":"follow=true","headers":{{"Accept":["application/json"],"Impersonate-User":["alice"]}},"supports_response_streaming":true}},"timestamp":"{STAMP}"}}"#
+        )
+    );
+    h.gw.handle_client_closed(h.now, "r1", None).unwrap();
+    h.drive();
+    assert_eq!(
+        h.take_sent()[0].raw,
+        format!(
+            r#"{{"type":"proxy_cancel","request_id":"r1","payload":{{}},"timestamp":"{STAMP}"}}"#
+        )
+    );
+}
+
+// -------------------------------------------------------------------------------------------------
+// WebSocket streams
+
+#[test]
+fn websocket_start_started_data_both_ways_close_1000() {
+    let mut h = Harness::registered(true);
+    h.open("s1").unwrap();
+    assert_eq!(h.gw.stream_state("s1"), Some(StreamState::Opening));
+    assert_eq!(h.take_sent()[0].kind, "proxy_websocket_start");
+    assert!(h.take_events().is_empty(), "no 101 before the agent's ack");
+
+    h.feed(&started_json("s1", "v5.channel.k8s.io")).unwrap();
+    h.drive();
+    assert_eq!(
+        h.take_events(),
+        [Event::Started {
+            stream: sid("s1"),
+            subprotocol: s("v5.channel.k8s.io")
+        }]
+    );
+
+    // Agent -> client: boundaries and kinds kept.
+    h.feed(&data_json("s1", 2, b"\x01hello")).unwrap();
+    h.feed(&data_json("s1", 1, b"text")).unwrap();
+    h.feed(&data_json("s1", 2, b"")).unwrap();
+    h.drive();
+    assert_eq!(
+        h.received("s1"),
+        [
+            (MessageKind::Binary, b"\x01hello".to_vec()),
+            (MessageKind::Text, b"text".to_vec()),
+            (MessageKind::Binary, Vec::new()),
+        ]
+    );
+    assert_eq!(h.take_events(), [Event::DataForClient(sid("s1"))]);
+
+    // Client -> agent.
+    h.client_send("s1", MessageKind::Binary, b"\x00id\n")
+        .unwrap();
+    let sent = h.take_sent();
+    assert_eq!(sent[0].data, Some((2, b"\x00id\n".to_vec())));
+
+    // Agent pings are not relayed.
+    h.feed(&data_json("s1", 9, b"p")).unwrap();
+    assert_eq!(h.gw.stats().control_frames_dropped, 1);
+
+    // Close 1000 from the upstream reaches the client as 1000.
+    h.feed(&close_json("s1", Some(1000))).unwrap();
+    h.drive();
+    assert_eq!(
+        h.take_events(),
+        [Event::Closed {
+            stream: sid("s1"),
+            close: Close::new(1000, "done")
+        }]
+    );
+    assert_eq!(h.gw.stream_count(), 0);
+    // A late message for it is dropped quietly.
+    assert_eq!(h.feed(&data_json("s1", 2, b"late")), Ok(Got::Consumed));
+    assert_eq!(h.gw.stats().late_messages, 1);
+}
+
+#[test]
+fn refused_upstream_reports_its_status() {
+    let mut h = Harness::registered(true);
+    h.open("s1").unwrap();
+    h.take_sent();
+    h.feed(&error_json("s1", Some(403))).unwrap();
+    h.feed(&close_json("s1", None)).unwrap();
+    h.drive();
+    assert_eq!(
+        h.take_events(),
+        [Event::Failed {
+            stream: sid("s1"),
+            status: 403,
+            message: s("failed to connect to K8s API: forbidden"),
+        }]
+    );
+    assert_eq!(h.gw.stream_count(), 0);
+    assert!(h.take_sent().is_empty(), "nothing owed to the agent");
+    // Without a status (PipeOps agent) it is 502.
+    h.open("s2").unwrap();
+    h.feed(&error_json("s2", None)).unwrap();
+    h.drive();
+    assert!(matches!(
+        h.take_events()[..],
+        [Event::Failed { status: 502, .. }]
+    ));
+}
+
+#[test]
+fn pipeops_agent_starts_optimistically_and_never_reports_false_success() {
+    let mut h = Harness::registered(false);
+    assert_eq!(h.gw.extensions(), Extensions::NONE);
+    let req = StreamRequest {
+        id: "s1",
+        path: EXEC,
+        query: "",
+        headers: &(),
+        protocols: "v5.channel.k8s.io, v4.channel.k8s.io",
+        user: None,
+    };
+    h.gw.open_stream(h.now, EPOCH, &req, &mut h.scratch)
+        .unwrap();
+    h.drive();
+    assert_eq!(
+        h.take_events(),
+        [Event::Started {
+            stream: sid("s1"),
+            subprotocol: s("v5.channel.k8s.io")
+        }]
+    );
+    // A broken upstream: error, then a code-less close. The client sees 1011, not 1000.
+    h.feed(&error_json("s1", None)).unwrap();
+    h.feed(&close_json("s1", None)).unwrap();
+    h.drive();
+    assert_eq!(
+        h.take_events(),
+        [Event::Closed {
+            stream: sid("s1"),
+            close: Close::new(1011, "failed to connect to K8s API: forbidden")
+        }]
+    );
+    // Client closes go out without code (extension not negotiated).
+    h.open("s2").unwrap();
+    h.take_events();
+    h.take_sent();
+    h.gw.handle_client_closed(h.now, "s2", Some(Close::new(1000, "")))
+        .unwrap();
+    h.drive();
+    let sent = h.take_sent();
+    assert_eq!(sent[0].kind, "proxy_websocket_close");
+    assert_eq!(sent[0].code, None);
+}
+
+#[test]
+fn client_close_flushes_queued_data_first_and_frees() {
+    let mut h = Harness::registered(true);
+    h.open_started("s1");
+    // Queue without transmitting in between: push directly.
+    for i in 0..3u8 {
+        h.gw.handle_client_message(h.now, "s1", MessageKind::Binary, Bytes(vec![i]))
+            .unwrap();
+    }
+    h.gw.handle_client_closed(h.now, "s1", Some(Close::new(1000, "")))
+        .unwrap();
+    h.drive();
+    let kinds: Vec<_> = h.take_sent().iter().map(|s| s.kind.clone()).collect();
+    assert_eq!(
+        kinds,
+        [
+            "proxy_websocket_data",
+            "proxy_websocket_data",
+            "proxy_websocket_data",
+            "proxy_websocket_close"
+        ]
+    );
+    assert_eq!(h.gw.stream_count(), 0);
+    assert!(h.take_events().is_empty(), "the client is gone: no events");
+    // The agent's echo is a late message.
+    assert_eq!(h.feed(&close_json("s1", Some(1000))), Ok(Got::Consumed));
+}
+
+#[test]
+fn client_gone_before_start_sent_tells_the_agent_nothing() {
+    let mut h = Harness::registered(true);
+    let req = StreamRequest {
+        id: "s1",
+        path: EXEC,
+        query: "",
+        headers: &(),
+        protocols: "",
+        user: Some("alice"),
+    };
+    h.gw.open_stream(h.now, EPOCH, &req, &mut h.scratch)
+        .unwrap();
+    h.gw.handle_client_closed(h.now, "s1", None).unwrap();
+    h.drive();
+    assert!(h.take_sent().is_empty());
+    assert_eq!(h.gw.stream_count(), 0);
+}
+
+// -------------------------------------------------------------------------------------------------
+// HTTP requests
+
+#[test]
+fn streamed_response_header_chunks_end() {
+    let mut h = Harness::registered(true);
+    h.request("r1").unwrap();
+    h.take_sent();
+    let head = r#"{"type":"proxy_response_header","request_id":"r1","payload":{"status":200,"headers":{"Content-Type":["text/plain"]}}}"#;
+    assert_eq!(
+        h.feed(head),
+        Ok(Got::Head {
+            stream: "r1".into(),
+            status: 200,
+            headers: vec![("Content-Type".into(), "text/plain".into())],
+        })
+    );
+    for chunk in [&b"line 1\n"[..], b"line 2\n"] {
+        let json = format!(
+            r#"{{"type":"proxy_response_chunk","request_id":"r1","payload":{{"data":"{}","encoding":"base64","size":{}}}}}"#,
+            b64(chunk),
+            chunk.len()
+        );
+        h.feed(&json).unwrap();
+    }
+    h.feed(r#"{"type":"proxy_response_end","request_id":"r1","payload":{}}"#)
+        .unwrap();
+    h.drive();
+    assert_eq!(
+        h.received("r1"),
+        [
+            (MessageKind::Binary, b"line 1\n".to_vec()),
+            (MessageKind::Binary, b"line 2\n".to_vec())
+        ]
+    );
+    assert_eq!(
+        h.take_events(),
+        [
+            Event::DataForClient(sid("r1")),
+            Event::ResponseEnd(sid("r1"))
+        ]
+    );
+    assert_eq!(h.gw.stream_count(), 0);
+}
+
+#[test]
+fn buffered_response_and_refused_request() {
+    let mut h = Harness::registered(true);
+    h.request("r1").unwrap();
+    let json = format!(
+        r#"{{"type":"proxy_response","request_id":"r1","payload":{{"status":404,"headers":{{}},"body":"{}","encoding":"base64"}}}}"#,
+        b64(b"{\"kind\":\"Status\"}")
+    );
+    assert!(matches!(h.feed(&json), Ok(Got::Head { status: 404, .. })));
+    h.drive();
+    assert_eq!(
+        h.received("r1"),
+        [(MessageKind::Binary, b"{\"kind\":\"Status\"}".to_vec())]
+    );
+    assert_eq!(
+        h.take_events(),
+        [
+            Event::DataForClient(sid("r1")),
+            Event::ResponseEnd(sid("r1"))
+        ]
+    );
+
+    h.request("r2").unwrap();
+    h.feed(&error_json("r2", None)).unwrap();
+    h.drive();
+    assert!(matches!(
+        h.take_events()[..],
+        [Event::Failed { status: 502, .. }]
+    ));
+
+    h.request("r3").unwrap();
+    h.feed(r#"{"type":"proxy_response_header","request_id":"r3","payload":{"status":200}}"#)
+        .unwrap();
+    h.feed(
+        r#"{"type":"proxy_response_abort","request_id":"r3","payload":{"error":"upstream reset"}}"#,
+    )
+    .unwrap();
+    h.drive();
+    assert_eq!(
+        h.take_events(),
+        [Event::ResponseAbort {
+            stream: sid("r3"),
+            message: s("upstream reset")
+        }]
+    );
+    assert_eq!(h.gw.stream_count(), 0);
+}
+
+// -------------------------------------------------------------------------------------------------
+// Bad input, limits, flow control
+
+#[test]
+fn bad_agent_input_is_rejected_and_other_streams_flow() {
+    let mut h = Harness::registered(true);
+    h.open_started("s1");
+    h.open_started("s2");
+    h.feed(&data_json("s1", 2, b"one")).unwrap();
+
+    assert!(matches!(h.feed("{not json"), Err(TunnelError::Decode(_))));
+    assert_eq!(
+        h.feed(r#"{"type":"proxy_websocket_data","request_id":"s2","payload":{"stream_id":"s2","data":"!!!"}}"#),
+        Err(TunnelError::Frame(FrameError::BadBase64))
+    );
+    assert_eq!(
+        h.feed(&data_json("s2", 7, b"x")),
+        Err(TunnelError::Frame(FrameError::UnknownOpcode(7)))
+    );
+    assert_eq!(
+        h.feed(&data_json("nope", 2, b"x")),
+        Err(TunnelError::UnknownStream)
+    );
+    assert_eq!(
+        h.feed(r#"{"type":"proxy_response_chunk","request_id":"s1","payload":{"data":"AA=="}}"#),
+        Err(TunnelError::Unexpected)
+    );
+    assert_eq!(
+        h.feed(r#"{"type":"bogus","payload":{}}"#),
+        Err(TunnelError::UnknownType)
+    );
+    h.feed(&data_json("s1", 2, b"two")).unwrap();
+    h.feed(&data_json("s2", 2, b"three")).unwrap();
+    h.drive();
+    assert_eq!(
+        h.received("s1"),
+        [
+            (MessageKind::Binary, b"one".to_vec()),
+            (MessageKind::Binary, b"two".to_vec())
+        ]
+    );
+    assert_eq!(h.received("s2"), [(MessageKind::Binary, b"three".to_vec())]);
+    let errors: Vec<_> = h
+        .take_sent()
+        .into_iter()
+        .filter(|s| s.kind == "error")
+        .map(|s| s.error.unwrap())
+        .collect();
+    assert_eq!(errors.len(), 4, "{errors:?}");
+    assert_eq!(h.gw.stats().bad_messages, 6);
+    assert_eq!(h.gw.stream_count(), 2);
+}
+
+#[test]
+fn oversize_message_closes_only_its_stream() {
+    let mut h = Harness::new();
+    h.gw = Gateway::new(
+        Config {
+            max_message: 256,
+            ..Config::default()
+        },
+        "c1",
+        h.now,
+    );
+    h.feed(&register_json(true)).unwrap();
+    h.drive();
+    h.open_started("s1");
+    h.open_started("s2");
+    assert!(matches!(
+        h.feed(&data_json("s1", 2, &[7u8; 300])),
+        Err(TunnelError::TooLarge { .. })
+    ));
+    h.feed(&data_json("s2", 2, b"fine")).unwrap();
+    h.drive();
+    assert!(h.take_events().contains(&Event::Closed {
+        stream: sid("s1"),
+        close: Close::new(1009, "message too big")
+    }));
+    assert!(
+        h.take_sent()
+            .iter()
+            .any(|s| s.kind == "proxy_websocket_close" && s.code == Some(1009))
+    );
+    assert_eq!(h.received("s2"), [(MessageKind::Binary, b"fine".to_vec())]);
+}
+
+#[test]
+fn full_client_ring_pauses_the_tunnel_without_loss() {
+    let mut h = Harness::registered(true);
+    h.open_started("s1");
+    h.auto_pop = false;
+    for i in 0..RING as u8 {
+        h.feed(&data_json("s1", 2, &[i])).unwrap();
+    }
+    let refused = data_json("s1", 2, &[RING as u8]);
+    assert_eq!(h.feed(&refused), Err(TunnelError::Blocked));
+    h.drive();
+    assert_eq!(
+        h.take_events(),
+        [Event::PauseTunnelReads, Event::DataForClient(sid("s1"))]
+    );
+    h.pop_all("s1");
+    h.drive();
+    assert_eq!(h.take_events(), [Event::ResumeTunnelReads]);
+    h.feed(&refused).unwrap();
+    h.pop_all("s1");
+    let got: Vec<u8> = h.received("s1").iter().map(|(_, p)| p[0]).collect();
+    assert_eq!(got, (0..=RING as u8).collect::<Vec<_>>());
+    assert_eq!(h.gw.stats().tunnel_pauses, 1);
+}
+
+#[test]
+fn full_agent_ring_stops_reading_that_client_only() {
+    let mut h = Harness::registered(true);
+    h.open_started("s1");
+    let mut refused = None;
+    for i in 0..=RING as u8 {
+        if let Err(e) =
+            h.gw.handle_client_message(h.now, "s1", MessageKind::Binary, Bytes(vec![i]))
+        {
+            refused = Some(e);
+            break;
+        }
+    }
+    assert!(matches!(refused, Some(SendError::Full(Bytes(ref b))) if b[..] == [RING as u8]));
+    assert_eq!(h.gw.poll_event(), Some(Event::StopReadingClient(sid("s1"))));
+    h.drive();
+    assert_eq!(h.take_events(), [Event::ResumeReadingClient(sid("s1"))]);
+    assert_eq!(h.take_sent().len(), RING);
+}
+
+#[test]
+fn open_errors() {
+    let mut h = Harness::new();
+    assert_eq!(h.open("s1"), Err(OpenError::NotRegistered));
+    let mut h = Harness::registered(true);
+    h.open("s1").unwrap();
+    assert_eq!(h.open("s1"), Err(OpenError::DuplicateStream));
+    let bad_path = StreamRequest {
+        id: "s2",
+        path: "/api/../etc/passwd",
+        query: "",
+        headers: &(),
+        protocols: "",
+        user: None,
+    };
+    assert_eq!(
+        h.gw.open_stream(h.now, EPOCH, &bad_path, &mut h.scratch),
+        Err(OpenError::Request(RequestError::Path))
+    );
+    let injected = StreamRequest {
+        id: "s2",
+        path: EXEC,
+        query: "",
+        headers: &[("X-Evil", "a\r\nHost: x")],
+        protocols: "",
+        user: None,
+    };
+    assert_eq!(
+        h.gw.open_stream(h.now, EPOCH, &injected, &mut h.scratch),
+        Err(OpenError::Request(RequestError::HeaderValue))
+    );
+    let bad_user = StreamRequest {
+        user: Some("eve\nImpersonate-Group: x"),
+        headers: &(),
+        ..injected
+    };
+    assert_eq!(
+        h.gw.open_stream(h.now, EPOCH, &bad_user, &mut h.scratch),
+        Err(OpenError::Request(RequestError::HeaderValue))
+    );
+    for id in ["s2", "s3", "s4"] {
+        h.open(id).unwrap();
+    }
+    assert_eq!(h.open("s5"), Err(OpenError::TooManyStreams));
+}
+
+#[test]
+fn tunnel_lost_ends_every_stream_with_an_error() {
+    let mut h = Harness::registered(true);
+    h.open_started("s1");
+    h.open("s2").unwrap();
+    h.request("r1").unwrap();
+    h.feed(r#"{"type":"proxy_response_header","request_id":"r1","payload":{"status":200}}"#)
+        .unwrap();
+    h.auto_pop = false;
+    h.feed(&data_json("s1", 2, b"last words")).unwrap();
+    h.drive();
+    h.take_events();
+    h.take_sent();
+    h.gw.handle_tunnel_lost(h.now, "replaced by a newer agent connection");
+    h.auto_pop = true;
+    // The client was told DataForClient before and pops what is left.
+    h.pop_all("s1");
+    h.drive();
+    let events = h.take_events();
+    assert!(events.contains(&Event::Closed {
+        stream: sid("s1"),
+        close: Close::new(1011, "replaced by a newer agent connection")
+    }));
+    assert!(events.contains(&Event::Failed {
+        stream: sid("s2"),
+        status: 502,
+        message: s("replaced by a newer agent connection")
+    }));
+    assert!(events.contains(&Event::ResponseAbort {
+        stream: sid("r1"),
+        message: s("replaced by a newer agent connection")
+    }));
+    assert_eq!(
+        h.received("s1"),
+        [(MessageKind::Binary, b"last words".to_vec())]
+    );
+    assert!(h.take_sent().is_empty());
+    assert_eq!(h.gw.stream_count(), 0);
+    assert!(!h.gw.is_registered());
+}
+
+#[test]
+fn timers_ping_read_deadline_start_timeout() {
+    let mut h = Harness::registered(true);
+    h.open("s1").unwrap();
+    h.take_sent();
+    h.now += Duration::from_secs(10);
+    h.gw.handle_timeout(h.now);
+    h.drive();
+    assert_eq!(h.take_events(), [Event::SendPing]);
+    h.now += Duration::from_secs(35);
+    h.gw.handle_tunnel_activity(h.now);
+    h.gw.handle_timeout(h.now);
+    h.drive();
+    let events = h.take_events();
+    assert!(events.contains(&Event::Failed {
+        stream: sid("s1"),
+        status: 504,
+        message: s("the agent did not answer in time")
+    }));
+    let sent = h.take_sent();
+    assert_eq!(sent[0].kind, "proxy_websocket_close");
+    assert_eq!(h.gw.stream_count(), 0);
+    h.now += Duration::from_secs(61);
+    h.gw.handle_timeout(h.now);
+    h.drive();
+    assert!(h.take_events().contains(&Event::TunnelDead));
+}
+
+#[test]
+fn heartbeat_is_acknowledged() {
+    let mut h = Harness::registered(true);
+    h.feed(r#"{"type":"heartbeat","payload":{"cluster_id":"c1","status":"healthy"}}"#)
+        .unwrap();
+    h.drive();
+    assert_eq!(h.take_sent()[0].kind, "heartbeat_ack");
+    assert_eq!(
+        h.feed(r#"{"type":"protocol_fallback","payload":{"unknown_type":"x"}}"#),
+        Ok(Got::Other("protocol_fallback".into()))
+    );
+}
+
+// -------------------------------------------------------------------------------------------------
+// Pair: the agent relay and the gateway against each other, in memory.
+
+mod pair {
+    use super::*;
+    use crate::relay::{self, Relay, SessionInfo};
+
+    type AgentRelay = Relay<Bytes, 4, RING>;
+
+    struct Pair {
+        now: Instant,
+        relay: AgentRelay,
+        gw: TestGateway,
+        scratch: Vec<u8>,
+        /// What the fake kube-apiserver received per stream.
+        upstream: BTreeMap<String, Vec<(MessageKind, Vec<u8>)>>,
+        /// Upstream dials the relay asked for: (stream, path, offered protocol).
+        dials: Vec<(String, String, Option<String>)>,
+        closes_upstream: Vec<(String, Close)>,
+        client: BTreeMap<String, Vec<(MessageKind, Vec<u8>)>>,
+        events: Vec<Event>,
+    }
+
+    impl Pair {
+        fn new() -> Self {
+            let now = Instant::from_secs(5);
+            let mut relay = AgentRelay::new(relay::Config::default());
+            relay.start_session(now, SessionInfo::new("a1", "edge", "0.1.0"));
+            let mut p = Self {
+                now,
+                relay,
+                gw: Gateway::new(Config::default(), "c1", now),
+                scratch: vec![0; 1 << 16],
+                upstream: BTreeMap::new(),
+                dials: Vec::new(),
+                closes_upstream: Vec::new(),
+                client: BTreeMap::new(),
+                events: Vec::new(),
+            };
+            p.run();
+            p
+        }
+
+        /// Moves messages both ways until nothing moves.
+        fn run(&mut self) {
+            let mut buf = vec![0u8; 1 << 17];
+            loop {
+                let mut moved = false;
+                // Agent -> control plane.
+                while let Some(n) = self.relay.poll_transmit(self.now, EPOCH, &mut buf).unwrap() {
+                    let frame = buf[..n].to_vec();
+                    match self
+                        .gw
+                        .handle_tunnel_message(self.now, &frame, &mut self.scratch)
+                    {
+                        Ok(_) => {}
+                        Err(e) => {
+                            panic!("gateway refused {}: {e}", String::from_utf8_lossy(&frame))
+                        }
+                    }
+                    moved = true;
+                }
+                // Control plane -> agent.
+                while let Some(n) = self.gw.poll_transmit(self.now, EPOCH, &mut buf).unwrap() {
+                    let frame = buf[..n].to_vec();
+                    let handled = self
+                        .relay
+                        .handle_tunnel_message(self.now, &frame, &mut self.scratch)
+                        .unwrap_or_else(|e| {
+                            panic!("relay refused {}: {e}", String::from_utf8_lossy(&frame))
+                        });
+                    if let relay::Handled::Start(start) = handled {
+                        self.dials.push((
+                            start.stream.to_string(),
+                            start.path.to_string(),
+                            start.protocol.map(|p| p.to_string()),
+                        ));
+                    }
+                    moved = true;
+                }
+                while let Some(event) = self.relay.poll_event() {
+                    match event {
+                        relay::Event::DataForUpstream(id) => {
+                            while let Some(m) = self.relay.pop_upstream(id.as_str()) {
+                                self.upstream
+                                    .entry(id.to_string())
+                                    .or_default()
+                                    .push((m.kind, m.payload.0));
+                            }
+                        }
+                        relay::Event::CloseUpstream { stream, close } => {
+                            self.relay
+                                .handle_upstream_closed(
+                                    self.now,
+                                    stream.as_str(),
+                                    close.code,
+                                    &close.reason,
+                                )
+                                .unwrap();
+                            self.closes_upstream.push((stream.to_string(), close));
+                        }
+                        _ => {}
+                    }
+                    moved = true;
+                }
+                while let Some(event) = self.gw.poll_event() {
+                    if let Event::DataForClient(id) = &event {
+                        while let Some(m) = self.gw.pop_client(id.as_str()) {
+                            self.client
+                                .entry(id.to_string())
+                                .or_default()
+                                .push((m.kind, m.payload.0));
+                        }
+                    }
+                    self.events.push(event);
+                    moved = true;
+                }
+                if !moved {
+                    break;
+                }
+            }
+        }
+    }
+
+    #[test]
+    fn start_started_data_both_ways_close_1000() {
+        let mut p = Pair::new();
+        assert!(p.gw.is_registered());
+        assert_eq!(p.relay.extensions(), Extensions::ALL);
+        assert_eq!(p.gw.extensions(), Extensions::ALL);
+        assert!(matches!(p.events[..], [Event::Registered { .. }]));
+        p.events.clear();
+
+        let req = StreamRequest {
+            id: "s1",
+            path: EXEC,
+            query: "command=sh&stdin=true&stdout=true",
+            headers: &KUBECTL_HEADERS,
+            protocols: "v5.channel.k8s.io",
+            user: Some("alice"),
+        };
+        p.gw.open_stream(p.now, EPOCH, &req, &mut p.scratch)
+            .unwrap();
+        p.run();
+        assert_eq!(
+            p.dials,
+            [(
+                "s1".to_string(),
+                EXEC.to_string(),
+                Some("v5.channel.k8s.io".to_string())
+            )]
+        );
+        assert!(p.events.is_empty(), "no 101 before the upstream's");
+
+        p.relay
+            .handle_upstream_started(p.now, "s1", Some("v5.channel.k8s.io"))
+            .unwrap();
+        p.run();
+        assert_eq!(
+            p.events,
+            [Event::Started {
+                stream: sid("s1"),
+                subprotocol: s("v5.channel.k8s.io")
+            }]
+        );
+        p.events.clear();
+
+        // kubectl -> apiserver: stdin on channel 0.
+        p.gw.handle_client_message(
+            p.now,
+            "s1",
+            MessageKind::Binary,
+            Bytes(b"\x00echo hi\n".to_vec()),
+        )
+        .unwrap();
+        p.run();
+        assert_eq!(
+            p.upstream["s1"],
+            [(MessageKind::Binary, b"\x00echo hi\n".to_vec())]
+        );
+
+        // apiserver -> kubectl: stdout, then the status on channel 3, then close 1000.
+        for m in [&b"\x01hi\n"[..], b"\x03{\"status\":\"Success\"}"] {
+            p.relay
+                .handle_upstream_message(p.now, "s1", MessageKind::Binary, Bytes(m.to_vec()))
+                .unwrap();
+        }
+        p.relay
+            .handle_upstream_closed(p.now, "s1", 1000, "")
+            .unwrap();
+        p.run();
+        assert_eq!(
+            p.client["s1"],
+            [
+                (MessageKind::Binary, b"\x01hi\n".to_vec()),
+                (
+                    MessageKind::Binary,
+                    b"\x03{\"status\":\"Success\"}".to_vec()
+                )
+            ]
+        );
+        assert_eq!(
+            p.events,
+            [
+                Event::DataForClient(sid("s1")),
+                Event::Closed {
+                    stream: sid("s1"),
+                    close: Close::new(1000, "")
+                }
+            ]
+        );
+        assert_eq!(p.gw.stream_count(), 0);
+        assert_eq!(p.relay.stream_count(), 0);
+    }
+
+    #[test]
+    fn refused_upstream_and_client_close() {
+        let mut p = Pair::new();
+        let req = |id| StreamRequest {
+            id,
+            path: EXEC,
+            query: "",
+            headers: &(),
+            protocols: "v5.channel.k8s.io",
+            user: Some("alice"),
+        };
+        p.gw.open_stream(p.now, EPOCH, &req("s1"), &mut p.scratch)
+            .unwrap();
+        p.run();
+        p.relay
+            .handle_upstream_failed(p.now, "s1", 403, "pods \"demo\" is forbidden")
+            .unwrap();
+        p.run();
+        assert!(matches!(p.events[1..], [Event::Failed { status: 403, .. }]));
+        assert_eq!((p.gw.stream_count(), p.relay.stream_count()), (0, 0));
+
+        p.events.clear();
+        p.gw.open_stream(p.now, EPOCH, &req("s2"), &mut p.scratch)
+            .unwrap();
+        p.run();
+        p.relay
+            .handle_upstream_started(p.now, "s2", Some("v5.channel.k8s.io"))
+            .unwrap();
+        p.run();
+        p.gw.handle_client_message(
+            p.now,
+            "s2",
+            MessageKind::Binary,
+            Bytes(b"\xff\x00".to_vec()),
+        )
+        .unwrap();
+        p.gw.handle_client_closed(p.now, "s2", Some(Close::new(1000, "")))
+            .unwrap();
+        p.run();
+        assert_eq!(
+            p.upstream["s2"],
+            [(MessageKind::Binary, b"\xff\x00".to_vec())]
+        );
+        assert_eq!(
+            p.closes_upstream,
+            [("s2".to_string(), Close::new(1000, ""))]
+        );
+        assert_eq!((p.gw.stream_count(), p.relay.stream_count()), (0, 0));
+    }
+}

@@ -1,0 +1,9 @@
+//! Tests of the wire codecs (unit, golden, bad input, property).
+
+mod control;
+mod envelope;
+mod frame;
+mod json;
+mod outbound;
+mod prop;
+mod timestamp;
