@@ -1,1 +1,15 @@
-//! tokio runtime adapter for tether-core.
+//! tokio runtime adapter for tether-core: the pieces the agent and the control plane share.
+//!
+//! The adapter drives the core and holds no protocol logic of its own: sockets, clocks, TLS and
+//! credentials live here; framing, stream lifecycle and flow control live in `tether-core`.
+
+pub mod backoff;
+pub mod buf;
+pub mod token;
+
+// The agent runtime and its Kubernetes access.
+pub mod agent;
+pub mod kube;
+
+// The control-plane runtime.
+pub mod control_plane;

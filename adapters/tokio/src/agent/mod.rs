@@ -1,0 +1,270 @@
+//! The agent runtime: dials the control plane, runs one session per connection on tether-core's
+//! [`tether_core::relay::Relay`] (WebSocket streams) and
+//! [`tether_core::request::Requests`] (HTTP requests), and reconnects with full-jitter
+//! backoff.
+//!
+//! Contract:
+//! * Every connection sends `register` first and runs the core's timers (ping every 10 s,
+//!   heartbeat every 30 s once registered, 60 s of silence = dead tunnel); the adapter only sleeps,
+//!   reads and writes.
+//! * A lost connection closes every stream (upstreams get close 1001) and abandons every request;
+//!   the next dial waits a full-jitter delay (0.5 s doubling to 60 s, reset once a session
+//!   registered).
+//! * A 401 or 403 from the control plane is logged once, in one line, and retried every
+//!   [`AgentConfig::unauthorized_retry`] (default: about the backoff cap), never in a hot loop.
+//! * Tokens are never logged.
+
+mod http;
+pub mod metrics;
+mod session;
+pub mod tunnel;
+mod upstream;
+
+use std::convert::Infallible;
+use std::net::SocketAddr;
+use std::sync::Arc;
+use std::sync::atomic::Ordering;
+use std::time::Duration;
+
+use tether_core::relay::{Config as RelayConfig, Relay, SessionInfo};
+use tether_core::request::{Config as RequestConfig, Requests};
+use tether_core::time::Instant;
+use tracing::{error, info, warn};
+
+use crate::backoff::Backoff;
+use crate::kube::KubeTarget;
+
+pub use crate::buf::Buf;
+pub use metrics::Metrics;
+pub use tunnel::{DialError, TunnelTarget};
+
+/// Default delay before retrying a dial the control plane refused with 401/403: the backoff cap.
+pub const UNAUTHORIZED_RETRY: Duration = Duration::from_secs(60);
+
+/// Concurrent WebSocket streams per agent.
+pub const MAX_STREAMS: usize = 256;
+/// Concurrent HTTP requests per agent.
+pub const MAX_REQUESTS: usize = 256;
+
+/// The relay the agent runs: [`MAX_STREAMS`] streams, default ring of 100 messages.
+pub type AgentRelay = Relay<Buf, MAX_STREAMS>;
+/// The request table the agent runs.
+pub type AgentRequests = Requests<MAX_REQUESTS>;
+
+/// Everything the agent needs to run.
+#[derive(Debug, Clone)]
+pub struct AgentConfig {
+    /// The control plane.
+    pub tunnel: TunnelTarget,
+    /// The Kubernetes API.
+    pub kube: KubeTarget,
+    /// Where to serve `/metrics` and `/healthz`, if anywhere.
+    pub metrics_listen: Option<SocketAddr>,
+    /// Relay tunables (timers, rings, message limit).
+    pub relay: RelayConfig,
+    /// Request tunables.
+    pub requests: RequestConfig,
+    /// `agent_id` sent in `register` and `heartbeat`.
+    pub agent_id: String,
+    /// `name` sent in `register`.
+    pub name: String,
+    /// Reconnect delays.
+    pub backoff: Backoff,
+    /// Delay before retrying after a 401/403.
+    pub unauthorized_retry: Duration,
+}
+
+impl AgentConfig {
+    /// Defaults for everything but the two targets; `agent_id` and `name` are the host name.
+    #[must_use]
+    pub fn new(tunnel: TunnelTarget, kube: KubeTarget) -> Self {
+        let host = hostname();
+        Self {
+            tunnel,
+            kube,
+            metrics_listen: None,
+            relay: RelayConfig::default(),
+            requests: RequestConfig::default(),
+            agent_id: host.clone(),
+            name: host,
+            backoff: Backoff::TUNNEL,
+            unauthorized_retry: UNAUTHORIZED_RETRY,
+        }
+    }
+}
+
+/// The machine's host name (`HOSTNAME`, `/etc/hostname`), or `tether-agent`.
+#[must_use]
+pub fn hostname() -> String {
+    std::env::var("HOSTNAME")
+        .ok()
+        .or_else(|| std::fs::read_to_string("/etc/hostname").ok())
+        .map(|h| h.trim().to_string())
+        .filter(|h| !h.is_empty())
+        .unwrap_or_else(|| "tether-agent".to_string())
+}
+
+/// State shared by the session and its tasks.
+pub(crate) struct Shared {
+    pub(crate) kube: Arc<KubeTarget>,
+    pub(crate) metrics: Arc<Metrics>,
+    epoch: tokio::time::Instant,
+}
+
+impl Shared {
+    /// The core's clock: microseconds since the agent started.
+    pub(crate) fn now(&self) -> Instant {
+        let micros = u64::try_from(self.epoch.elapsed().as_micros()).unwrap_or(u64::MAX);
+        Instant::from_micros(micros)
+    }
+
+    /// A core instant as a tokio deadline.
+    pub(crate) fn deadline(&self, t: Instant) -> tokio::time::Instant {
+        self.epoch + Duration::from_micros(t.as_micros())
+    }
+}
+
+/// A configured agent.
+pub struct Agent {
+    config: AgentConfig,
+    metrics: Arc<Metrics>,
+}
+
+impl Agent {
+    /// An agent that has not dialled yet.
+    #[must_use]
+    pub fn new(config: AgentConfig) -> Self {
+        Self {
+            config,
+            metrics: Arc::new(Metrics::default()),
+        }
+    }
+
+    /// Its counters.
+    #[must_use]
+    pub fn metrics(&self) -> Arc<Metrics> {
+        self.metrics.clone()
+    }
+
+    /// Serves metrics (if configured), then dials, runs and redials forever.
+    ///
+    /// # Errors
+    /// Only a startup failure (the metrics address cannot be bound), as one line.
+    pub async fn run(self) -> Result<Infallible, String> {
+        let Self { config, metrics } = self;
+        if let Some(addr) = config.metrics_listen {
+            let bound = metrics::serve(addr, metrics.clone()).await?;
+            info!(addr = %bound, "serving /metrics and /healthz");
+        }
+        if config.tunnel.is_plaintext() {
+            warn!(
+                url = config.tunnel.url(),
+                "the tunnel is not encrypted (http/ws URL)"
+            );
+        }
+        let relay_config = config.relay;
+        // The relay is large (every ring inline): build it on a thread with a big stack so no
+        // copy of it ever sits on a tokio worker's stack.
+        let (mut relay, mut requests) = std::thread::Builder::new()
+            .stack_size(64 << 20)
+            .spawn(move || {
+                (
+                    Box::new(AgentRelay::new(relay_config)),
+                    Box::new(AgentRequests::new(config.requests)),
+                )
+            })
+            .map_err(|e| format!("cannot start: {e}"))?
+            .join()
+            .map_err(|_| "cannot build the relay".to_string())?;
+        let shared = Shared {
+            kube: Arc::new(config.kube.clone()),
+            metrics: metrics.clone(),
+            epoch: tokio::time::Instant::now(),
+        };
+        let mut scratch = vec![0u8; relay.config().max_message];
+        let mut txbuf = vec![0u8; relay.max_transmit_len()];
+        let max_inbound = relay.config().max_message.saturating_mul(2);
+        let mut backoff = config.backoff.clone();
+        let mut unauthorized_logged = false;
+        info!(url = config.tunnel.url(), kube = %config.kube.base_url(), "tether agent starting");
+        loop {
+            let delay = match config.tunnel.dial(max_inbound).await {
+                Ok(ws) => {
+                    unauthorized_logged = false;
+                    info!(url = config.tunnel.url(), "tunnel connected");
+                    let info =
+                        SessionInfo::new(&config.agent_id, &config.name, env!("CARGO_PKG_VERSION"));
+                    let end = session::run(
+                        &mut relay,
+                        &mut requests,
+                        &shared,
+                        &mut scratch,
+                        &mut txbuf,
+                        ws,
+                        info,
+                    )
+                    .await;
+                    relay.handle_tunnel_lost(shared.now());
+                    while relay.poll_event().is_some() {}
+                    requests.handle_tunnel_lost();
+                    metrics.set_relay(relay.stats());
+                    metrics.reconnects.fetch_add(1, Ordering::Relaxed);
+                    if end.registered {
+                        backoff.reset();
+                    }
+                    let delay = backoff.next_delay();
+                    warn!(
+                        "tunnel lost: {}; reconnecting in {:.1}s",
+                        end.reason,
+                        delay.as_secs_f64()
+                    );
+                    delay
+                }
+                Err(DialError::Unauthorized(status)) => {
+                    metrics.auth_failures.fetch_add(1, Ordering::Relaxed);
+                    metrics.dial_failures.fetch_add(1, Ordering::Relaxed);
+                    let delay = jittered(config.unauthorized_retry);
+                    if !unauthorized_logged {
+                        error!(
+                            "{}; retrying every ~{}s",
+                            DialError::Unauthorized(status),
+                            config.unauthorized_retry.as_secs()
+                        );
+                        unauthorized_logged = true;
+                    }
+                    delay
+                }
+                Err(e) => {
+                    metrics.dial_failures.fetch_add(1, Ordering::Relaxed);
+                    let delay = backoff.next_delay();
+                    warn!(
+                        "cannot open the tunnel: {e}; retrying in {:.1}s",
+                        delay.as_secs_f64()
+                    );
+                    delay
+                }
+            };
+            tokio::time::sleep(delay).await;
+        }
+    }
+}
+
+/// A delay in `[d/2, d]`: slow, but agents refused together do not return together.
+fn jittered(d: Duration) -> Duration {
+    let half = d / 2;
+    let nanos = u64::try_from(half.as_nanos()).unwrap_or(u64::MAX);
+    half + Duration::from_nanos(fastrand::u64(0..=nanos))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn unauthorized_retry_is_slow() {
+        for _ in 0..100 {
+            let d = jittered(Duration::from_secs(60));
+            assert!(d >= Duration::from_secs(30) && d <= Duration::from_secs(60));
+        }
+    }
+}

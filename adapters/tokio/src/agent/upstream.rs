@@ -1,0 +1,308 @@
+//! One task per relayed WebSocket stream: dials the Kubernetes API and moves whole messages between
+//! its socket and the session task. No protocol decisions here: the relay (through the session)
+//! says when to stop reading, what to write and when to close.
+
+use std::sync::Arc;
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::time::Duration;
+
+use bytes::Bytes;
+use futures_util::{SinkExt as _, StreamExt as _};
+use tether_core::relay::MessageKind;
+use tokio::sync::{Notify, mpsc};
+use tokio_tungstenite::WebSocketStream;
+use tokio_tungstenite::tungstenite::client::IntoClientRequest as _;
+use tokio_tungstenite::tungstenite::http::{HeaderName, HeaderValue};
+use tokio_tungstenite::tungstenite::protocol::frame::coding::CloseCode;
+use tokio_tungstenite::tungstenite::protocol::{CloseFrame, WebSocketConfig};
+use tokio_tungstenite::tungstenite::{Error as WsError, Message, Utf8Bytes};
+
+use super::session::FromTask;
+use crate::kube::{KubeStream, KubeTarget, headers};
+
+/// How long the upstream may take to answer the WebSocket upgrade.
+pub(crate) const DIAL_TIMEOUT: Duration = Duration::from_secs(30);
+
+/// How long to wait for the upstream's close reply after sending ours.
+const CLOSE_WAIT: Duration = Duration::from_secs(5);
+
+/// What to dial, owned (copied out of the tunnel message).
+#[derive(Debug, Clone)]
+pub(crate) struct StreamSpec {
+    pub(crate) id: String,
+    /// Validated Kubernetes API path.
+    pub(crate) path: String,
+    /// Validated raw query (may be empty).
+    pub(crate) query: String,
+    /// Headers already filtered by [`headers::forward_request_headers`].
+    pub(crate) headers: Vec<(String, String)>,
+    /// Subprotocols to offer, in order.
+    pub(crate) protocols: Vec<String>,
+}
+
+/// Commands from the session to a stream task, in order.
+#[derive(Debug)]
+pub(crate) enum ToUpstream {
+    /// Write this whole message.
+    Message(MessageKind, Bytes),
+    /// Close with this code and reason, wait for the reply, report `Closed`.
+    Close(u16, String),
+}
+
+/// Flow flags shared between the session and a stream task.
+#[derive(Debug, Default)]
+pub(crate) struct StreamCtl {
+    /// The relay's ring toward the tunnel is full: do not read the upstream socket.
+    pub(crate) paused: AtomicBool,
+    /// Wakes the task when `paused` is cleared.
+    pub(crate) resume: Notify,
+    /// The session could not queue a message for this task: report `Drained` after the next write.
+    pub(crate) stalled: AtomicBool,
+}
+
+/// Dials, then relays until either side closes. Every outcome is reported on `events`.
+pub(crate) async fn run(
+    target: Arc<KubeTarget>,
+    spec: StreamSpec,
+    mut commands: mpsc::Receiver<ToUpstream>,
+    ctl: Arc<StreamCtl>,
+    events: mpsc::Sender<FromTask>,
+    max_message: usize,
+) {
+    let id = spec.id.clone();
+    let ws = match tokio::time::timeout(DIAL_TIMEOUT, dial(&target, &spec, max_message)).await {
+        Ok(Ok((ws, subprotocol))) => {
+            let _ = events
+                .send(FromTask::Started {
+                    id: id.clone(),
+                    subprotocol,
+                })
+                .await;
+            ws
+        }
+        Ok(Err((status, message))) => {
+            let _ = events
+                .send(FromTask::Failed {
+                    id,
+                    status,
+                    message,
+                })
+                .await;
+            return;
+        }
+        Err(_) => {
+            let message = format!("upstream dial timed out after {}s", DIAL_TIMEOUT.as_secs());
+            let _ = events
+                .send(FromTask::Failed {
+                    id,
+                    status: 504,
+                    message,
+                })
+                .await;
+            return;
+        }
+    };
+    let (code, reason) = relay(ws, &id, &mut commands, &ctl, &events).await;
+    let _ = events.send(FromTask::Closed { id, code, reason }).await;
+}
+
+/// How the writing half ended.
+enum WriterEnd {
+    /// Our close frame went out: wait for the upstream's reply.
+    SentClose(u16, String),
+    /// The session is gone (a close 1001 was sent).
+    SessionGone,
+    /// Writing failed or the stream had to end: report this.
+    Failed(u16, String),
+}
+
+/// Moves messages until the stream ends; returns the close code and reason to report.
+///
+/// Reading and writing run concurrently: a writer blocked on a slow upstream never stops the
+/// reader (an upstream that echoes, like `cat`, would otherwise deadlock once both TCP directions
+/// are full).
+async fn relay(
+    ws: WebSocketStream<KubeStream>,
+    id: &str,
+    commands: &mut mpsc::Receiver<ToUpstream>,
+    ctl: &StreamCtl,
+    events: &mpsc::Sender<FromTask>,
+) -> (u16, String) {
+    let (mut sink, mut source) = ws.split();
+    // Set once our close frame is out: the reader then reads even when paused, for the reply.
+    let closing = AtomicBool::new(false);
+    let outcome = {
+        let writer = async {
+            while let Some(command) = commands.recv().await {
+                match command {
+                    ToUpstream::Message(kind, payload) => {
+                        let message = match kind {
+                            MessageKind::Binary => Message::Binary(payload),
+                            MessageKind::Text => match Utf8Bytes::try_from(payload) {
+                                Ok(text) => Message::Text(text),
+                                Err(_) => {
+                                    // Cannot be sent as a WebSocket text message: end the stream
+                                    // rather than alter or drop the bytes.
+                                    let reason = "text message is not UTF-8".to_string();
+                                    let _ = sink.send(close_message(1007, &reason)).await;
+                                    return WriterEnd::Failed(1007, reason);
+                                }
+                            },
+                        };
+                        if let Err(e) = sink.send(message).await {
+                            return WriterEnd::Failed(1011, format!("upstream write failed: {e}"));
+                        }
+                        if ctl.stalled.swap(false, Ordering::AcqRel) {
+                            let _ = events.send(FromTask::Drained { id: id.to_string() }).await;
+                        }
+                    }
+                    ToUpstream::Close(code, reason) => {
+                        closing.store(true, Ordering::Release);
+                        ctl.resume.notify_one();
+                        let _ = sink.send(close_message(code, &reason)).await;
+                        return WriterEnd::SentClose(code, reason);
+                    }
+                }
+            }
+            closing.store(true, Ordering::Release);
+            let _ = sink.send(close_message(1001, "agent session ended")).await;
+            WriterEnd::SessionGone
+        };
+        let reader = async {
+            loop {
+                if !closing.load(Ordering::Acquire) && ctl.paused.load(Ordering::Acquire) {
+                    ctl.resume.notified().await;
+                    continue;
+                }
+                let kind = match source.next().await {
+                    Some(Ok(Message::Text(text))) => (MessageKind::Text, Bytes::from(text)),
+                    Some(Ok(Message::Binary(payload))) => (MessageKind::Binary, payload),
+                    // Pings are answered by tungstenite; nothing to relay.
+                    Some(Ok(Message::Ping(_) | Message::Pong(_) | Message::Frame(_))) => continue,
+                    Some(Ok(Message::Close(frame))) => {
+                        return frame.map(|f| (u16::from(f.code), f.reason.to_string()));
+                    }
+                    Some(Err(e)) => return Some(read_error(&e)),
+                    None => return Some((1011, "upstream connection lost".into())),
+                };
+                let event = FromTask::Data {
+                    id: id.to_string(),
+                    kind: kind.0,
+                    payload: kind.1,
+                };
+                if events.send(event).await.is_err() {
+                    return Some((1001, "agent session ended".into()));
+                }
+            }
+        };
+        tokio::pin!(writer, reader);
+        let mut sent: Option<(u16, String)> = None;
+        let close_wait = tokio::time::sleep(Duration::MAX / 4);
+        tokio::pin!(close_wait);
+        loop {
+            tokio::select! {
+                end = &mut writer, if sent.is_none() => match end {
+                    WriterEnd::SentClose(code, reason) => {
+                        close_wait.as_mut().reset(tokio::time::Instant::now() + CLOSE_WAIT);
+                        sent = Some((code, reason));
+                    }
+                    WriterEnd::SessionGone => break (1001, "agent session ended".to_string()),
+                    WriterEnd::Failed(code, reason) => break (code, reason),
+                },
+                got = &mut reader => {
+                    // A close from the upstream wins; without a code (or after an error while
+                    // closing) report our own close, else a normal close (1005 may not travel).
+                    break match (got, sent) {
+                        (Some(c), None) => c,
+                        (Some(c), Some(_)) if c.0 < 1005 || c.0 > 1006 => c,
+                        (_, Some(ours)) => ours,
+                        (None, None) => (1000, String::new()),
+                    };
+                }
+                () = &mut close_wait, if sent.is_some() => {
+                    break sent.take().unwrap_or((1001, String::new()));
+                }
+            }
+        }
+    };
+    // Push out a close reply tungstenite may have queued.
+    let _ = sink.flush().await;
+    outcome
+}
+
+fn read_error(e: &WsError) -> (u16, String) {
+    match e {
+        WsError::Capacity(_) => (1009, "upstream message too large".into()),
+        other => (1011, format!("upstream read failed: {other}")),
+    }
+}
+
+fn close_message(code: u16, reason: &str) -> Message {
+    Message::Close(Some(CloseFrame {
+        code: CloseCode::from(code),
+        reason: reason.into(),
+    }))
+}
+
+/// Dials the upstream WebSocket; on refusal returns its HTTP status and a message (502 when there
+/// was no HTTP answer).
+async fn dial(
+    target: &KubeTarget,
+    spec: &StreamSpec,
+    max_message: usize,
+) -> Result<(WebSocketStream<KubeStream>, Option<String>), (u16, String)> {
+    let mut url = format!("{}{}", target.ws_base_url(), spec.path);
+    if !spec.query.is_empty() {
+        url.push('?');
+        url.push_str(&spec.query);
+    }
+    let mut request = url
+        .as_str()
+        .into_client_request()
+        .map_err(|e| (400, format!("invalid upstream request: {e}")))?;
+    let mut forwarded = spec.headers.clone();
+    headers::with_authorization(&mut forwarded, target.own_token().as_deref());
+    for (name, value) in &forwarded {
+        let name = HeaderName::from_bytes(name.as_bytes())
+            .map_err(|_| (400, format!("invalid header name {name:?}")))?;
+        let value = HeaderValue::from_str(value)
+            .map_err(|_| (400, format!("invalid value for header {name}")))?;
+        request.headers_mut().append(name, value);
+    }
+    if !spec.protocols.is_empty() {
+        let offered = HeaderValue::from_str(&spec.protocols.join(", "))
+            .map_err(|_| (400, "invalid subprotocol list".to_string()))?;
+        request
+            .headers_mut()
+            .insert("Sec-WebSocket-Protocol", offered);
+    }
+    let stream = target
+        .connect()
+        .await
+        .map_err(|e| (502, format!("cannot reach the Kubernetes API: {e}")))?;
+    let config = WebSocketConfig::default()
+        .max_message_size(Some(max_message))
+        .max_frame_size(Some(max_message));
+    match tokio_tungstenite::client_async_with_config(request, stream, Some(config)).await {
+        Ok((ws, response)) => {
+            let subprotocol = response
+                .headers()
+                .get("Sec-WebSocket-Protocol")
+                .and_then(|v| v.to_str().ok())
+                .map(str::to_string);
+            Ok((ws, subprotocol))
+        }
+        Err(WsError::Http(response)) => {
+            let status = response.status();
+            let body = response
+                .body()
+                .as_deref()
+                .map(|b| String::from_utf8_lossy(b).trim().to_string())
+                .filter(|b| !b.is_empty());
+            let message =
+                body.unwrap_or_else(|| status.canonical_reason().unwrap_or("refused").to_string());
+            Err((status.as_u16(), message))
+        }
+        Err(e) => Err((502, format!("WebSocket upgrade failed: {e}"))),
+    }
+}

@@ -1,0 +1,398 @@
+//! kubectl's side: `/clusters/<cluster>/<kube path>` requests, authenticated with a user token and
+//! handed to the cluster's tunnel task as a WebSocket stream or an HTTP request.
+
+use std::io;
+use std::pin::Pin;
+use std::sync::Arc;
+use std::sync::atomic::Ordering;
+use std::task::{Context, Poll};
+use std::time::Duration;
+
+use bytes::Bytes;
+use futures_util::{SinkExt as _, StreamExt as _};
+use http::{HeaderMap, HeaderValue, Method, Request, Response, StatusCode, header};
+use http_body_util::{BodyExt as _, Limited, StreamBody};
+use hyper::body::{Frame, Incoming};
+use hyper_util::rt::TokioIo;
+use tether_core::relay::{Close, Message, MessageKind};
+use tokio::sync::mpsc;
+use tokio_tungstenite::WebSocketStream;
+use tokio_tungstenite::tungstenite::Message as WsMessage;
+use tokio_tungstenite::tungstenite::handshake::derive_accept_key;
+use tokio_tungstenite::tungstenite::protocol::frame::coding::CloseCode;
+use tokio_tungstenite::tungstenite::protocol::{CloseFrame, Role, WebSocketConfig};
+
+use super::link::{
+    CLIENT_WINDOW, Cmd, Link, OpenRequest, OpenStream, Shared, StreamGuard, ToClient,
+};
+use super::status::status_response;
+use super::token_of;
+use super::{Body, State};
+use crate::buf::Buf;
+
+/// Largest request body forwarded (the tunnel's message limit, less base64 growth).
+const MAX_BODY: usize = 12 << 20;
+/// How long to wait for the client's answer to our close frame.
+const CLOSE_GRACE: Duration = Duration::from_secs(5);
+
+/// Whether `headers` ask for a WebSocket upgrade (`Connection: upgrade` and `Upgrade: websocket`).
+pub(crate) fn is_websocket_upgrade(headers: &HeaderMap) -> bool {
+    let has_token = |name: header::HeaderName, token: &str| {
+        headers.get_all(name).iter().any(|v| {
+            v.to_str()
+                .is_ok_and(|v| v.split(',').any(|t| t.trim().eq_ignore_ascii_case(token)))
+        })
+    };
+    has_token(header::CONNECTION, "upgrade") && has_token(header::UPGRADE, "websocket")
+}
+
+/// Serves one kubectl request for `cluster` at `kube_path`.
+pub(crate) async fn handle(
+    state: Arc<State>,
+    mut req: Request<Incoming>,
+    cluster: &str,
+    kube_path: String,
+) -> Response<Body> {
+    let Some(user) = token_of(req.headers()).and_then(|t| state.user_tokens.lookup(t)) else {
+        state.metrics.refused.fetch_add(1, Ordering::Relaxed);
+        return status_response(401, "Unauthorized: a valid bearer user token is required");
+    };
+    let user = user.to_string();
+    let Some(cmd) = state.registry.get(cluster) else {
+        state.metrics.refused.fetch_add(1, Ordering::Relaxed);
+        tracing::info!(cluster, user, "no agent connected");
+        return status_response(
+            502,
+            &format!("no agent is connected for cluster \"{cluster}\""),
+        );
+    };
+    let id = format!("cp-{}", state.next_id.fetch_add(1, Ordering::Relaxed));
+    let query = req.uri().query().unwrap_or_default().to_string();
+    let headers: Vec<(Vec<u8>, Vec<u8>)> = req
+        .headers()
+        .iter()
+        .map(|(n, v)| (n.as_str().as_bytes().to_vec(), v.as_bytes().to_vec()))
+        .collect();
+    let (tx, rx) = mpsc::unbounded_channel();
+    let shared = Shared::new();
+    let link = Link {
+        tx,
+        shared: shared.clone(),
+    };
+    let guard = StreamGuard {
+        id: id.clone(),
+        cmd: cmd.clone(),
+        close: None,
+    };
+
+    if is_websocket_upgrade(req.headers()) {
+        let Some(key) = req.headers().get(header::SEC_WEBSOCKET_KEY).cloned() else {
+            return status_response(400, "WebSocket upgrade without Sec-WebSocket-Key");
+        };
+        let protocols = req
+            .headers()
+            .get_all(header::SEC_WEBSOCKET_PROTOCOL)
+            .iter()
+            .filter_map(|v| v.to_str().ok())
+            .collect::<Vec<_>>()
+            .join(", ");
+        let on_upgrade = hyper::upgrade::on(&mut req);
+        let open = OpenStream {
+            id: id.clone(),
+            path: kube_path,
+            query,
+            headers,
+            protocols,
+            user,
+            link,
+        };
+        if cmd.send(Cmd::OpenStream(open)).is_err() {
+            return status_response(
+                502,
+                &format!("the agent of cluster \"{cluster}\" went away"),
+            );
+        }
+        websocket(rx, shared, guard, key, on_upgrade).await
+    } else {
+        let method = req.method().clone();
+        let body = match Limited::new(req.into_body(), MAX_BODY).collect().await {
+            Ok(body) => body.to_bytes(),
+            Err(e) => {
+                return status_response(413, &format!("request body refused: {e}"));
+            }
+        };
+        let open = OpenRequest {
+            id: id.clone(),
+            method: method.as_str().to_string(),
+            path: kube_path,
+            query,
+            headers,
+            user,
+            body,
+            link,
+        };
+        if cmd.send(Cmd::OpenRequest(open)).is_err() {
+            return status_response(
+                502,
+                &format!("the agent of cluster \"{cluster}\" went away"),
+            );
+        }
+        request(rx, shared, guard, method).await
+    }
+}
+
+/// Waits for the agent's answer to a WebSocket start: 101 (then relays messages) or its status.
+async fn websocket(
+    mut rx: mpsc::UnboundedReceiver<ToClient>,
+    shared: Arc<Shared>,
+    guard: StreamGuard,
+    key: HeaderValue,
+    on_upgrade: hyper::upgrade::OnUpgrade,
+) -> Response<Body> {
+    let subprotocol = match rx.recv().await {
+        Some(ToClient::Started { subprotocol }) => subprotocol,
+        Some(ToClient::Failed { status, message }) => return status_response(status, &message),
+        _ => return status_response(502, "the agent tunnel went away"),
+    };
+    let mut response = Response::new(super::status::full(Bytes::new()));
+    *response.status_mut() = StatusCode::SWITCHING_PROTOCOLS;
+    let h = response.headers_mut();
+    h.insert(header::UPGRADE, HeaderValue::from_static("websocket"));
+    h.insert(header::CONNECTION, HeaderValue::from_static("Upgrade"));
+    match HeaderValue::from_str(&derive_accept_key(key.as_bytes())) {
+        Ok(accept) => h.insert(header::SEC_WEBSOCKET_ACCEPT, accept),
+        Err(_) => return status_response(500, "cannot compute Sec-WebSocket-Accept"),
+    };
+    if !subprotocol.is_empty() {
+        match HeaderValue::from_str(&subprotocol) {
+            Ok(v) => h.insert(header::SEC_WEBSOCKET_PROTOCOL, v),
+            Err(_) => return status_response(502, "the agent reported an invalid subprotocol"),
+        };
+    }
+    tokio::spawn(async move {
+        match on_upgrade.await {
+            Ok(upgraded) => {
+                let config = WebSocketConfig::default()
+                    .max_message_size(Some(16 << 20))
+                    .max_frame_size(Some(16 << 20));
+                let ws = WebSocketStream::from_raw_socket(
+                    TokioIo::new(upgraded),
+                    Role::Server,
+                    Some(config),
+                )
+                .await;
+                relay_websocket(ws, rx, shared, guard).await;
+            }
+            Err(e) => tracing::warn!(stream = %guard.id, error = %e, "client upgrade failed"),
+        }
+    });
+    response
+}
+
+/// Moves messages between the client WebSocket and the tunnel task until either side ends.
+async fn relay_websocket<S>(
+    ws: WebSocketStream<S>,
+    mut rx: mpsc::UnboundedReceiver<ToClient>,
+    shared: Arc<Shared>,
+    mut guard: StreamGuard,
+) where
+    S: tokio::io::AsyncRead + tokio::io::AsyncWrite + Unpin,
+{
+    let (mut sink, mut stream) = ws.split();
+    let id = guard.id.clone();
+    let cmd = guard.cmd.clone();
+    let reader_shared = shared.clone();
+    let reader_cmd = cmd.clone();
+    let reader_id = id.clone();
+    // Client -> agent. Returns the client's close, `None` when it went away without one.
+    let reader = async move {
+        while let Some(message) = stream.next().await {
+            let (kind, payload) = match message {
+                Ok(WsMessage::Text(text)) => (MessageKind::Text, Bytes::from(text)),
+                Ok(WsMessage::Binary(bytes)) => (MessageKind::Binary, bytes),
+                Ok(WsMessage::Close(frame)) => {
+                    return Some(frame.map_or_else(
+                        || Close::new(1000, ""),
+                        |f| Close::new(f.code.into(), &f.reason),
+                    ));
+                }
+                // Pings are answered by the WebSocket layer while we read.
+                Ok(_) => continue,
+                Err(_) => return None,
+            };
+            let Ok(permit) = reader_shared.to_agent.acquire().await else {
+                return None;
+            };
+            permit.forget();
+            let message = Message {
+                kind,
+                payload: Buf(payload),
+            };
+            if reader_cmd
+                .send(Cmd::Message {
+                    id: reader_id.clone(),
+                    message,
+                })
+                .is_err()
+            {
+                return None;
+            }
+        }
+        None
+    };
+    // Agent -> client. Returns when the agent side ended (a close was sent to the client).
+    let writer = async move {
+        while let Some(item) = rx.recv().await {
+            match item {
+                ToClient::Data(message) => {
+                    let ws_message = match message.kind {
+                        MessageKind::Binary => WsMessage::Binary(message.payload.0),
+                        MessageKind::Text => match String::from_utf8(message.payload.0.to_vec()) {
+                            Ok(text) => WsMessage::text(text),
+                            Err(e) => {
+                                WsMessage::text(String::from_utf8_lossy(e.as_bytes()).into_owned())
+                            }
+                        },
+                    };
+                    if sink.send(ws_message).await.is_err() {
+                        return;
+                    }
+                    if shared.to_client_inflight.fetch_sub(1, Ordering::AcqRel) == CLIENT_WINDOW {
+                        let _ = cmd.send(Cmd::Writable { id: id.clone() });
+                    }
+                }
+                ToClient::Closed(close) => {
+                    let _ = sink.send(WsMessage::Close(close_frame(&close))).await;
+                    return;
+                }
+                _ => {}
+            }
+        }
+        // The tunnel went away without a close for us: never let that look like success.
+        let frame = CloseFrame {
+            code: CloseCode::Error,
+            reason: "the agent tunnel went away".into(),
+        };
+        let _ = sink.send(WsMessage::Close(Some(frame))).await;
+    };
+    let mut reader = std::pin::pin!(reader);
+    let mut writer = std::pin::pin!(writer);
+    tokio::select! {
+        close = &mut reader => {
+            guard.close = Some(close.unwrap_or_else(|| Close::new(1001, "client went away")));
+        }
+        () = &mut writer => {
+            // Let the client answer our close; its answer (or silence) ends the stream.
+            let _ = tokio::time::timeout(CLOSE_GRACE, &mut reader).await;
+        }
+    }
+}
+
+/// The close frame that tells the client `close`: the upstream's own code when it may travel on the
+/// wire; 1005 ("no status") as a close frame without a code, as the upstream sent it; codes that
+/// must never be sent (1006 abnormal closure, 1015 TLS failure, out of range) as 1011 with the
+/// reason, so the client never mistakes a broken stream for success.
+fn close_frame(close: &Close) -> Option<CloseFrame> {
+    let code = match close.code {
+        1005 => return None,
+        c @ (1000..=1003 | 1007..=1014 | 3000..=4999) => c,
+        _ => 1011,
+    };
+    Some(CloseFrame {
+        code: CloseCode::from(code),
+        reason: close.reason.as_str().into(),
+    })
+}
+
+/// Waits for the agent's response head, then streams the body (chunked) to the client.
+async fn request(
+    mut rx: mpsc::UnboundedReceiver<ToClient>,
+    shared: Arc<Shared>,
+    guard: StreamGuard,
+    method: Method,
+) -> Response<Body> {
+    let (status, headers, gzip) = match rx.recv().await {
+        Some(ToClient::Head {
+            status,
+            headers,
+            gzip,
+        }) => (status, headers, gzip),
+        Some(ToClient::Failed { status, message }) => return status_response(status, &message),
+        _ => return status_response(502, "the agent tunnel went away"),
+    };
+    let Ok(status) = StatusCode::from_u16(status) else {
+        return status_response(502, "the agent reported an invalid status");
+    };
+    let body = ResponseStream {
+        rx,
+        shared,
+        guard,
+        done: false,
+    };
+    let body = if method == Method::HEAD {
+        super::status::full(Bytes::new())
+    } else {
+        StreamBody::new(body).boxed_unsync()
+    };
+    let mut response = Response::new(body);
+    *response.status_mut() = status;
+    let h = response.headers_mut();
+    for (name, value) in headers {
+        h.append(name, value);
+    }
+    if gzip && !h.contains_key(header::CONTENT_ENCODING) {
+        h.insert(header::CONTENT_ENCODING, HeaderValue::from_static("gzip"));
+    }
+    response
+}
+
+/// A response body fed by the tunnel task; ends the stream (cancels the request) when dropped early.
+struct ResponseStream {
+    rx: mpsc::UnboundedReceiver<ToClient>,
+    shared: Arc<Shared>,
+    guard: StreamGuard,
+    done: bool,
+}
+
+impl futures_util::Stream for ResponseStream {
+    type Item = Result<Frame<Bytes>, io::Error>;
+
+    fn poll_next(mut self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<Option<Self::Item>> {
+        if self.done {
+            return Poll::Ready(None);
+        }
+        loop {
+            return match self.rx.poll_recv(cx) {
+                Poll::Pending => Poll::Pending,
+                Poll::Ready(Some(ToClient::Data(message))) => {
+                    if self
+                        .shared
+                        .to_client_inflight
+                        .fetch_sub(1, Ordering::AcqRel)
+                        == CLIENT_WINDOW
+                    {
+                        let id = self.guard.id.clone();
+                        let _ = self.guard.cmd.send(Cmd::Writable { id });
+                    }
+                    if message.payload.0.is_empty() {
+                        continue;
+                    }
+                    Poll::Ready(Some(Ok(Frame::data(message.payload.0))))
+                }
+                Poll::Ready(Some(ToClient::End)) => {
+                    self.done = true;
+                    Poll::Ready(None)
+                }
+                Poll::Ready(Some(ToClient::Abort(message))) => {
+                    self.done = true;
+                    Poll::Ready(Some(Err(io::Error::other(message))))
+                }
+                Poll::Ready(Some(_)) => continue,
+                Poll::Ready(None) => {
+                    self.done = true;
+                    Poll::Ready(Some(Err(io::Error::other("the agent tunnel went away"))))
+                }
+            };
+        }
+    }
+}

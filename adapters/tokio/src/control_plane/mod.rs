@@ -1,0 +1,444 @@
+//! The control-plane runtime: one listener for agents and kubectl users, one task per agent tunnel
+//! driving a [`tether_core::gateway::Gateway`], one task per client connection.
+//!
+//! * `GET /api/v1/clusters/agent/ws` (WebSocket): an agent, authenticated by its bearer token,
+//!   which names its cluster. One live tunnel per cluster: a newer one replaces the older once it
+//!   registers, and the older one's streams end with a clear error.
+//! * `/clusters/<cluster>/<kube path>`: a kubectl user, authenticated by its bearer token (constant
+//!   time, never logged). The request reaches the cluster's agent with `Impersonate-User: <user>` and
+//!   without any client-sent `Impersonate-*` or `Authorization`. A WebSocket upgrade is answered 101
+//!   only after the agent reports the upstream's 101, echoing its subprotocol; a refusal is answered
+//!   with the upstream's status. Other requests stream their response back (chunked).
+//! * No agent connected for the cluster: 502 with a Kubernetes `Status`, at once. Bad or missing
+//!   token: 401 `Status`.
+//! * `/healthz`: 200 `ok`. `/metrics`: Prometheus text (see [`Metrics`]).
+//!
+//! Backpressure: each kubectl connection talks to its tunnel task over channels bounded by
+//! per-stream credits, on top of the gateway's rings; nothing is dropped.
+
+mod client;
+pub mod kubeconfig;
+mod link;
+mod metrics;
+mod status;
+pub mod tls;
+mod tunnel;
+
+use std::collections::HashMap;
+use std::convert::Infallible;
+use std::future::Future;
+use std::io;
+use std::net::SocketAddr;
+use std::path::PathBuf;
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::{Arc, Mutex};
+use std::time::Duration;
+
+use bytes::Bytes;
+use http::{HeaderMap, HeaderValue, Request, Response, StatusCode, header};
+use http_body_util::combinators::UnsyncBoxBody;
+use hyper::body::Incoming;
+use hyper::server::conn::http1;
+use hyper::service::service_fn;
+use hyper_util::rt::{TokioIo, TokioTimer};
+use tokio::net::TcpListener;
+use tokio::sync::mpsc;
+use tokio_rustls::TlsAcceptor;
+use tokio_tungstenite::WebSocketStream;
+use tokio_tungstenite::tungstenite::handshake::derive_accept_key;
+use tokio_tungstenite::tungstenite::protocol::{Role, WebSocketConfig};
+
+pub use crate::buf::Buf;
+pub use metrics::Metrics;
+pub use status::{status_json, status_response};
+
+use crate::token::TokenTable;
+use link::Cmd;
+
+/// Path agents dial.
+pub const AGENT_PATH: &str = "/api/v1/clusters/agent/ws";
+/// Prefix of kubectl paths: `/clusters/<cluster>/<kube path>`.
+pub const CLUSTERS_PREFIX: &str = "/clusters/";
+
+/// Response body type of the control plane's HTTP service.
+pub type Body = UnsyncBoxBody<Bytes, io::Error>;
+
+/// How the listener speaks.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum TlsMode {
+    /// TLS with the self-signed certificate of the state directory (generated on first start).
+    SelfSigned,
+    /// TLS with the operator's certificate chain and key (PEM files).
+    Files {
+        /// Certificate chain.
+        cert: PathBuf,
+        /// Private key.
+        key: PathBuf,
+    },
+    /// Plain HTTP: for local use only (kubectl sends no credentials over plain HTTP).
+    InsecureHttp,
+}
+
+/// Everything `serve` needs.
+#[derive(Debug, Clone)]
+pub struct ControlPlaneConfig {
+    /// Address to listen on (port 0 picks one).
+    pub listen: SocketAddr,
+    /// Host name the listener is reached by, for the certificate and the recorded endpoint
+    /// (default: the listen IP, or `127.0.0.1` when it is unspecified).
+    pub public_host: Option<String>,
+    /// Directory for the TLS certificate, the recorded endpoint and user tokens.
+    pub state_dir: PathBuf,
+    /// Agent tokens; the name is the cluster.
+    pub agent_tokens: TokenTable,
+    /// User tokens; the name is the user (sent as `Impersonate-User`).
+    pub user_tokens: TokenTable,
+    /// User tokens as given, recorded in the state directory for `kubeconfig` (mode 0600).
+    pub user_token_pairs: Vec<(String, String)>,
+    /// TLS mode.
+    pub tls: TlsMode,
+}
+
+/// Why the control plane could not start.
+#[derive(Debug)]
+pub enum StartError {
+    /// The state directory, a certificate file or the listener failed.
+    Io(String, io::Error),
+    /// The TLS certificate or key is unusable.
+    Tls(String),
+}
+
+impl std::fmt::Display for StartError {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        match self {
+            Self::Io(what, e) => write!(f, "{what}: {e}"),
+            Self::Tls(e) => write!(f, "TLS: {e}"),
+        }
+    }
+}
+
+impl std::error::Error for StartError {}
+
+/// Live tunnels by cluster.
+#[derive(Debug, Default)]
+pub(crate) struct Registry {
+    tunnels: Mutex<HashMap<String, (u64, mpsc::UnboundedSender<Cmd>)>>,
+}
+
+impl Registry {
+    fn lock(
+        &self,
+    ) -> std::sync::MutexGuard<'_, HashMap<String, (u64, mpsc::UnboundedSender<Cmd>)>> {
+        self.tunnels
+            .lock()
+            .unwrap_or_else(std::sync::PoisonError::into_inner)
+    }
+
+    /// The command channel of `cluster`'s live tunnel.
+    pub(crate) fn get(&self, cluster: &str) -> Option<mpsc::UnboundedSender<Cmd>> {
+        self.lock()
+            .get(cluster)
+            .filter(|(_, tx)| !tx.is_closed())
+            .map(|(_, tx)| tx.clone())
+    }
+
+    /// Makes `generation` the live tunnel of `cluster`; returns the one it replaces.
+    pub(crate) fn insert(
+        &self,
+        cluster: &str,
+        generation: u64,
+        tx: mpsc::UnboundedSender<Cmd>,
+    ) -> Option<mpsc::UnboundedSender<Cmd>> {
+        self.lock()
+            .insert(cluster.to_string(), (generation, tx))
+            .map(|(_, old)| old)
+    }
+
+    /// Forgets `cluster`'s tunnel if it is still `generation`.
+    pub(crate) fn remove(&self, cluster: &str, generation: u64) {
+        let mut tunnels = self.lock();
+        if tunnels.get(cluster).is_some_and(|(g, _)| *g == generation) {
+            tunnels.remove(cluster);
+        }
+    }
+}
+
+/// State shared by every connection.
+#[derive(Debug)]
+pub(crate) struct State {
+    pub(crate) agent_tokens: TokenTable,
+    pub(crate) user_tokens: TokenTable,
+    pub(crate) registry: Registry,
+    pub(crate) metrics: Metrics,
+    pub(crate) next_id: AtomicU64,
+    next_generation: AtomicU64,
+}
+
+/// The bearer token of a request, if it has one.
+pub(crate) fn token_of(headers: &HeaderMap) -> Option<&str> {
+    headers
+        .get(header::AUTHORIZATION)
+        .and_then(|v| v.to_str().ok())
+        .and_then(TokenTable::bearer)
+}
+
+/// A bound control plane, ready to [`run`](Self::run).
+pub struct ControlPlane {
+    listener: TcpListener,
+    acceptor: Option<TlsAcceptor>,
+    state: Arc<State>,
+    base_url: String,
+}
+
+impl std::fmt::Debug for ControlPlane {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("ControlPlane")
+            .field("base_url", &self.base_url)
+            .finish_non_exhaustive()
+    }
+}
+
+impl ControlPlane {
+    /// Prepares the state directory and TLS, binds the listener, and records the endpoint and the
+    /// user tokens in the state directory (for `kubeconfig`).
+    ///
+    /// # Errors
+    /// [`StartError`] with a one-line reason.
+    pub async fn bind(config: ControlPlaneConfig) -> Result<Self, StartError> {
+        let dir = &config.state_dir;
+        std::fs::create_dir_all(dir).map_err(|e| {
+            StartError::Io(
+                format!("cannot create the state directory {}", dir.display()),
+                e,
+            )
+        })?;
+        let host = config.public_host.clone().unwrap_or_else(|| {
+            let ip = config.listen.ip();
+            if ip.is_unspecified() {
+                "127.0.0.1".to_string()
+            } else {
+                ip.to_string()
+            }
+        });
+        let acceptor = match &config.tls {
+            TlsMode::InsecureHttp => None,
+            TlsMode::SelfSigned => {
+                let (cert, key) =
+                    tls::load_or_create_self_signed(dir, Some(&host)).map_err(|e| {
+                        StartError::Io(
+                            format!(
+                                "cannot prepare the self-signed certificate in {}",
+                                dir.display()
+                            ),
+                            e,
+                        )
+                    })?;
+                Some(tls::server_config(&cert, &key).map_err(StartError::Tls)?)
+            }
+            TlsMode::Files { cert, key } => {
+                let cert = std::fs::read(cert)
+                    .map_err(|e| StartError::Io(format!("cannot read {}", cert.display()), e))?;
+                let key = std::fs::read(key)
+                    .map_err(|e| StartError::Io(format!("cannot read {}", key.display()), e))?;
+                Some(tls::server_config(&cert, &key).map_err(StartError::Tls)?)
+            }
+        }
+        .map(|c| TlsAcceptor::from(Arc::new(c)));
+        let listener = TcpListener::bind(config.listen)
+            .await
+            .map_err(|e| StartError::Io(format!("cannot listen on {}", config.listen), e))?;
+        let port = listener
+            .local_addr()
+            .map_err(|e| StartError::Io("cannot read the listen address".into(), e))?
+            .port();
+        let scheme = if acceptor.is_some() { "https" } else { "http" };
+        let host_part = if host.contains(':') {
+            format!("[{host}]")
+        } else {
+            host
+        };
+        let base_url = format!("{scheme}://{host_part}:{port}");
+        kubeconfig::write_endpoint(dir, &base_url)
+            .map_err(|e| StartError::Io(format!("cannot write to {}", dir.display()), e))?;
+        kubeconfig::write_user_tokens(dir, &config.user_token_pairs)
+            .map_err(|e| StartError::Io(format!("cannot write to {}", dir.display()), e))?;
+        if config.agent_tokens.is_empty() {
+            tracing::warn!("no agent token configured: no agent can connect");
+        }
+        if config.user_tokens.is_empty() {
+            tracing::warn!("no user token configured: every kubectl request gets 401");
+        }
+        Ok(Self {
+            listener,
+            acceptor,
+            state: Arc::new(State {
+                agent_tokens: config.agent_tokens,
+                user_tokens: config.user_tokens,
+                registry: Registry::default(),
+                metrics: Metrics::default(),
+                next_id: AtomicU64::new(1),
+                next_generation: AtomicU64::new(1),
+            }),
+            base_url,
+        })
+    }
+
+    /// The bound address.
+    ///
+    /// # Errors
+    /// As [`TcpListener::local_addr`].
+    pub fn local_addr(&self) -> io::Result<SocketAddr> {
+        self.listener.local_addr()
+    }
+
+    /// The base URL clients use, e.g. `https://127.0.0.1:8443`.
+    #[must_use]
+    pub fn base_url(&self) -> &str {
+        &self.base_url
+    }
+
+    /// Serves until `shutdown` completes. Connections in progress are left to finish on their own
+    /// tasks.
+    ///
+    /// # Errors
+    /// Only if accepting fails persistently; single accept errors are logged and retried.
+    pub async fn run(self, shutdown: impl Future<Output = ()>) -> io::Result<()> {
+        tracing::info!(url = %self.base_url, "control plane listening");
+        let mut shutdown = std::pin::pin!(shutdown);
+        loop {
+            let (tcp, peer) = tokio::select! {
+                () = &mut shutdown => return Ok(()),
+                accepted = self.listener.accept() => match accepted {
+                    Ok(pair) => pair,
+                    Err(e) => {
+                        tracing::warn!(error = %e, "accept failed");
+                        tokio::time::sleep(Duration::from_millis(100)).await;
+                        continue;
+                    }
+                },
+            };
+            let _ = tcp.set_nodelay(true);
+            let state = self.state.clone();
+            let acceptor = self.acceptor.clone();
+            tokio::spawn(async move {
+                match acceptor {
+                    Some(acceptor) => {
+                        let tls =
+                            tokio::time::timeout(Duration::from_secs(10), acceptor.accept(tcp))
+                                .await;
+                        match tls {
+                            Ok(Ok(stream)) => serve_connection(stream, state).await,
+                            Ok(Err(e)) => {
+                                tracing::debug!(%peer, error = %e, "TLS handshake failed")
+                            }
+                            Err(_) => tracing::debug!(%peer, "TLS handshake timed out"),
+                        }
+                    }
+                    None => serve_connection(tcp, state).await,
+                }
+            });
+        }
+    }
+}
+
+async fn serve_connection<S>(io: S, state: Arc<State>)
+where
+    S: tokio::io::AsyncRead + tokio::io::AsyncWrite + Unpin + Send + 'static,
+{
+    let service = service_fn(move |req| {
+        let state = state.clone();
+        async move { Ok::<_, Infallible>(route(state, req).await) }
+    });
+    let mut builder = http1::Builder::new();
+    builder
+        .timer(TokioTimer::new())
+        .header_read_timeout(Duration::from_secs(30));
+    if let Err(e) = builder
+        .serve_connection(TokioIo::new(io), service)
+        .with_upgrades()
+        .await
+    {
+        tracing::debug!(error = %e, "connection ended with an error");
+    }
+}
+
+async fn route(state: Arc<State>, req: Request<Incoming>) -> Response<Body> {
+    let path = req.uri().path().to_string();
+    if path == "/healthz" {
+        return status::text_response(StatusCode::OK, "ok\n");
+    }
+    if path == "/metrics" {
+        return status::text_response(StatusCode::OK, state.metrics.render());
+    }
+    if path == AGENT_PATH {
+        return agent(state, req);
+    }
+    if let Some(rest) = path.strip_prefix(CLUSTERS_PREFIX) {
+        let (cluster, kube) = rest.split_once('/').map_or((rest, ""), |(c, k)| (c, k));
+        if !valid_cluster_name(cluster) {
+            return status_response(404, "invalid cluster name");
+        }
+        let cluster = cluster.to_string();
+        let kube_path = format!("/{kube}");
+        return client::handle(state, req, &cluster, kube_path).await;
+    }
+    status_response(404, "not found: kubectl paths are /clusters/<cluster>/...")
+}
+
+/// Cluster names: 1 to 63 characters of `A-Za-z0-9._-`.
+fn valid_cluster_name(name: &str) -> bool {
+    !name.is_empty()
+        && name.len() <= 63
+        && name
+            .bytes()
+            .all(|b| b.is_ascii_alphanumeric() || matches!(b, b'.' | b'_' | b'-'))
+}
+
+/// An agent's tunnel upgrade.
+fn agent(state: Arc<State>, mut req: Request<Incoming>) -> Response<Body> {
+    let Some(cluster) = token_of(req.headers()).and_then(|t| state.agent_tokens.lookup(t)) else {
+        state.metrics.refused.fetch_add(1, Ordering::Relaxed);
+        tracing::warn!("agent connection refused: missing or unknown agent token");
+        return status_response(401, "Unauthorized: a valid bearer agent token is required");
+    };
+    let cluster = cluster.to_string();
+    if !client::is_websocket_upgrade(req.headers()) {
+        return status_response(400, "the agent endpoint takes a WebSocket upgrade");
+    }
+    let Some(key) = req.headers().get(header::SEC_WEBSOCKET_KEY).cloned() else {
+        return status_response(400, "WebSocket upgrade without Sec-WebSocket-Key");
+    };
+    let Ok(accept) = HeaderValue::from_str(&derive_accept_key(key.as_bytes())) else {
+        return status_response(400, "bad Sec-WebSocket-Key");
+    };
+    let on_upgrade = hyper::upgrade::on(&mut req);
+    let generation = state.next_generation.fetch_add(1, Ordering::Relaxed);
+    tokio::spawn(async move {
+        match on_upgrade.await {
+            Ok(upgraded) => {
+                let config = WebSocketConfig::default()
+                    .max_message_size(Some(40 << 20))
+                    .max_frame_size(Some(40 << 20));
+                let ws = WebSocketStream::from_raw_socket(
+                    TokioIo::new(upgraded),
+                    Role::Server,
+                    Some(config),
+                )
+                .await;
+                let (tx, rx) = mpsc::unbounded_channel();
+                tunnel::run(ws, cluster, generation, state, tx, rx).await;
+            }
+            Err(e) => tracing::warn!(cluster, error = %e, "agent upgrade failed"),
+        }
+    });
+    let mut response = Response::new(status::full(Bytes::new()));
+    *response.status_mut() = StatusCode::SWITCHING_PROTOCOLS;
+    let h = response.headers_mut();
+    h.insert(header::UPGRADE, HeaderValue::from_static("websocket"));
+    h.insert(header::CONNECTION, HeaderValue::from_static("Upgrade"));
+    h.insert(header::SEC_WEBSOCKET_ACCEPT, accept);
+    response
+}
+
+#[cfg(test)]
+mod tests;

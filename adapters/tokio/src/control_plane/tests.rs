@@ -1,0 +1,704 @@
+//! Real sockets on 127.0.0.1: a scripted agent (tokio-tungstenite client speaking compat JSON) and
+//! kubectl-like clients against a running control plane.
+
+use std::net::SocketAddr;
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+use base64::Engine as _;
+use futures_util::{SinkExt as _, StreamExt as _};
+use serde_json::{Value, json};
+use tokio::io::{AsyncRead, AsyncReadExt as _, AsyncWrite, AsyncWriteExt as _};
+use tokio::net::TcpStream;
+use tokio_rustls::rustls;
+use tokio_tungstenite::WebSocketStream;
+use tokio_tungstenite::tungstenite::client::IntoClientRequest as _;
+use tokio_tungstenite::tungstenite::protocol::frame::coding::CloseCode;
+use tokio_tungstenite::tungstenite::{Error as WsError, Message as WsMessage};
+
+use super::*;
+
+const AGENT_TOKEN: &str = "agent-secret-c1";
+const USER_TOKEN: &str = "user-secret-alice";
+const EXEC_PATH: &str =
+    "/clusters/c1/api/v1/namespaces/default/pods/demo/exec?command=sh&stdin=true&stdout=true";
+
+type Ws = WebSocketStream<TcpStream>;
+
+fn config(dir: &std::path::Path, tls: TlsMode) -> ControlPlaneConfig {
+    let mut agent_tokens = TokenTable::new();
+    agent_tokens.insert("c1", AGENT_TOKEN);
+    let mut user_tokens = TokenTable::new();
+    user_tokens.insert("alice", USER_TOKEN);
+    ControlPlaneConfig {
+        listen: "127.0.0.1:0".parse().unwrap(),
+        public_host: None,
+        state_dir: dir.to_path_buf(),
+        agent_tokens,
+        user_tokens,
+        user_token_pairs: vec![("alice".into(), USER_TOKEN.into())],
+        tls,
+    }
+}
+
+/// Starts a plain-HTTP control plane; it stops when the returned sender is dropped.
+async fn start(dir: &std::path::Path) -> (SocketAddr, tokio::sync::oneshot::Sender<()>) {
+    let cp = ControlPlane::bind(config(dir, TlsMode::InsecureHttp))
+        .await
+        .unwrap();
+    let addr = cp.local_addr().unwrap();
+    let (stop, stopped) = tokio::sync::oneshot::channel::<()>();
+    tokio::spawn(cp.run(async move {
+        let _ = stopped.await;
+    }));
+    (addr, stop)
+}
+
+async fn ws_connect(
+    addr: SocketAddr,
+    path: &str,
+    headers: &[(&str, &str)],
+) -> Result<(Ws, http::Response<Option<Vec<u8>>>), WsError> {
+    let mut req = format!("ws://{addr}{path}").into_client_request().unwrap();
+    for (name, value) in headers {
+        req.headers_mut().append(
+            http::HeaderName::from_bytes(name.as_bytes()).unwrap(),
+            value.parse().unwrap(),
+        );
+    }
+    let tcp = TcpStream::connect(addr).await.map_err(WsError::Io)?;
+    tokio_tungstenite::client_async(req, tcp).await
+}
+
+/// A scripted agent, registered as cluster c1 with all Tether extensions.
+async fn agent(addr: SocketAddr) -> Ws {
+    let (mut ws, _) = ws_connect(
+        addr,
+        AGENT_PATH,
+        &[("Authorization", &format!("Bearer {AGENT_TOKEN}"))],
+    )
+    .await
+    .unwrap();
+    let register = json!({
+        "type": "register",
+        "request_id": "req_1_agent-1",
+        "payload": {
+            "agent_id": "agent-1",
+            "name": "edge",
+            "extensions": {"websocket_started": true, "websocket_close_code": true, "proxy_error_status": true}
+        },
+        "timestamp": "2026-11-26T10:00:00Z"
+    });
+    ws.send(WsMessage::text(register.to_string()))
+        .await
+        .unwrap();
+    let ok = recv_json(&mut ws).await;
+    assert_eq!(ok["type"], "register_success");
+    assert_eq!(ok["request_id"], "req_1_agent-1");
+    assert_eq!(ok["payload"]["cluster_id"], "c1");
+    assert_eq!(ok["payload"]["extensions"]["websocket_started"], true);
+    // The registry is updated once register_success went out; give the task a moment.
+    tokio::time::sleep(Duration::from_millis(50)).await;
+    ws
+}
+
+async fn recv_json(ws: &mut Ws) -> Value {
+    loop {
+        let message = tokio::time::timeout(Duration::from_secs(5), ws.next())
+            .await
+            .expect("timed out waiting for a tunnel message")
+            .expect("tunnel closed")
+            .expect("tunnel failed");
+        match message {
+            WsMessage::Text(text) => return serde_json::from_str(&text).unwrap(),
+            WsMessage::Binary(bytes) => return serde_json::from_slice(&bytes).unwrap(),
+            _ => {}
+        }
+    }
+}
+
+fn b64(bytes: &[u8]) -> String {
+    base64::engine::general_purpose::STANDARD.encode(bytes)
+}
+
+fn unb64(text: &Value) -> Vec<u8> {
+    base64::engine::general_purpose::STANDARD
+        .decode(text.as_str().unwrap())
+        .unwrap()
+}
+
+async fn agent_send(ws: &mut Ws, value: Value) {
+    ws.send(WsMessage::text(value.to_string())).await.unwrap();
+}
+
+fn data(stream: &str, opcode: u8, payload: &[u8]) -> Value {
+    let mut raw = vec![opcode];
+    raw.extend_from_slice(payload);
+    json!({"type": "proxy_websocket_data", "request_id": stream, "payload": {"stream_id": stream, "data": b64(&raw)}})
+}
+
+/// Raw HTTP/1.1 exchange; returns the whole response text.
+async fn http_raw<S: AsyncRead + AsyncWrite + Unpin>(mut s: S, request: &str) -> String {
+    s.write_all(request.as_bytes()).await.unwrap();
+    let mut out = Vec::new();
+    tokio::time::timeout(Duration::from_secs(5), s.read_to_end(&mut out))
+        .await
+        .expect("response timed out")
+        .unwrap();
+    String::from_utf8_lossy(&out).into_owned()
+}
+
+fn get(path: &str, token: Option<&str>) -> String {
+    let auth = token.map_or_else(String::new, |t| format!("Authorization: Bearer {t}\r\n"));
+    format!("GET {path} HTTP/1.1\r\nHost: cp\r\n{auth}Connection: close\r\n\r\n")
+}
+
+#[tokio::test]
+async fn exec_websocket_through_a_scripted_agent() {
+    let dir = tempfile::tempdir().unwrap();
+    let (addr, _stop) = start(dir.path()).await;
+    let mut agent = agent(addr).await;
+
+    let kubectl = tokio::spawn(async move {
+        ws_connect(
+            addr,
+            EXEC_PATH,
+            &[
+                ("Authorization", &format!("Bearer {USER_TOKEN}")),
+                ("Sec-WebSocket-Protocol", "v5.channel.k8s.io"),
+                ("Impersonate-Group", "system:masters"),
+                ("Impersonate-User", "root"),
+            ],
+        )
+        .await
+    });
+
+    let start = recv_json(&mut agent).await;
+    assert_eq!(start["type"], "proxy_websocket_start");
+    let p = &start["payload"];
+    let stream = p["stream_id"].as_str().unwrap().to_string();
+    assert_eq!(start["request_id"], stream.as_str());
+    assert_eq!(p["path"], "/api/v1/namespaces/default/pods/demo/exec");
+    assert_eq!(p["query"], "command=sh&stdin=true&stdout=true");
+    assert_eq!(p["protocol"], "v5.channel.k8s.io");
+    let headers = p["headers"].as_object().unwrap();
+    assert_eq!(headers["Impersonate-User"], json!(["alice"]));
+    for (name, _) in headers {
+        let lower = name.to_ascii_lowercase();
+        assert!(lower != "authorization", "user token leaked to the agent");
+        assert!(
+            lower != "impersonate-group" && lower != "sec-websocket-key",
+            "{name} forwarded"
+        );
+    }
+
+    // No 101 before the agent reports the upstream's.
+    tokio::time::sleep(Duration::from_millis(200)).await;
+    assert!(
+        !kubectl.is_finished(),
+        "kubectl got an answer before the upstream did"
+    );
+    agent_send(
+        &mut agent,
+        json!({"type": "proxy_websocket_started", "request_id": stream, "payload": {"stream_id": stream, "protocol": "v5.channel.k8s.io"}}),
+    )
+    .await;
+    let (mut kubectl, response) = kubectl.await.unwrap().unwrap();
+    assert_eq!(response.status(), 101);
+    assert_eq!(
+        response.headers()["sec-websocket-protocol"],
+        "v5.channel.k8s.io"
+    );
+
+    // kubectl -> agent: binary, boundaries kept.
+    kubectl
+        .send(WsMessage::binary(b"\x00ls\n".to_vec()))
+        .await
+        .unwrap();
+    kubectl.send(WsMessage::binary(Vec::new())).await.unwrap();
+    for want in [&b"\x02\x00ls\n"[..], b"\x02"] {
+        let m = recv_json(&mut agent).await;
+        assert_eq!(m["type"], "proxy_websocket_data");
+        assert_eq!(m["payload"]["stream_id"], stream.as_str());
+        assert_eq!(unb64(&m["payload"]["data"]), want);
+    }
+
+    // agent -> kubectl: kinds and boundaries kept; a ping answered by the control plane.
+    agent_send(&mut agent, data(&stream, 2, b"\x01hello\n")).await;
+    agent_send(&mut agent, data(&stream, 1, b"text")).await;
+    kubectl
+        .send(WsMessage::Ping(b"p".to_vec().into()))
+        .await
+        .unwrap();
+    let mut got = Vec::new();
+    while got.len() < 3 {
+        match tokio::time::timeout(Duration::from_secs(5), kubectl.next())
+            .await
+            .unwrap()
+            .unwrap()
+            .unwrap()
+        {
+            WsMessage::Binary(b) => got.push(("binary", b.to_vec())),
+            WsMessage::Text(t) => got.push(("text", t.as_bytes().to_vec())),
+            WsMessage::Pong(p) => got.push(("pong", p.to_vec())),
+            other => panic!("unexpected {other:?}"),
+        }
+    }
+    assert!(got.contains(&("pong", b"p".to_vec())), "{got:?}");
+    got.retain(|(k, _)| *k != "pong");
+    assert_eq!(
+        got,
+        [
+            ("binary", b"\x01hello\n".to_vec()),
+            ("text", b"text".to_vec())
+        ]
+    );
+
+    // Close 1000 from the upstream reaches kubectl as 1000.
+    agent_send(
+        &mut agent,
+        json!({"type": "proxy_websocket_close", "request_id": stream, "payload": {"stream_id": stream, "code": 1000, "reason": ""}}),
+    )
+    .await;
+    let close = loop {
+        match tokio::time::timeout(Duration::from_secs(5), kubectl.next())
+            .await
+            .unwrap()
+        {
+            Some(Ok(WsMessage::Close(frame))) => break frame,
+            Some(Ok(_)) => {}
+            other => panic!("no close frame: {other:?}"),
+        }
+    };
+    assert_eq!(close.unwrap().code, CloseCode::Normal);
+}
+
+#[tokio::test]
+async fn refused_upstream_gives_kubectl_its_status_and_client_close_reaches_the_agent() {
+    let dir = tempfile::tempdir().unwrap();
+    let (addr, _stop) = start(dir.path()).await;
+    let mut agent = agent(addr).await;
+    let auth = format!("Bearer {USER_TOKEN}");
+
+    let kubectl = tokio::spawn({
+        let auth = auth.clone();
+        async move {
+            ws_connect(
+                addr,
+                EXEC_PATH,
+                &[
+                    ("Authorization", &auth),
+                    ("Sec-WebSocket-Protocol", "v5.channel.k8s.io"),
+                ],
+            )
+            .await
+        }
+    });
+    let start = recv_json(&mut agent).await;
+    let stream = start["payload"]["stream_id"].as_str().unwrap().to_string();
+    agent_send(
+        &mut agent,
+        json!({"type": "proxy_error", "request_id": stream, "payload": {"request_id": stream, "error": "pods \"demo\" is forbidden", "status": 403}}),
+    )
+    .await;
+    agent_send(&mut agent, json!({"type": "proxy_websocket_close", "request_id": stream, "payload": {"stream_id": stream}})).await;
+    match kubectl.await.unwrap() {
+        Err(WsError::Http(response)) => {
+            assert_eq!(response.status(), 403);
+            let body = String::from_utf8(response.body().clone().unwrap_or_default()).unwrap();
+            assert!(
+                body.contains("\"kind\":\"Status\"") && body.contains("forbidden"),
+                "{body}"
+            );
+        }
+        other => panic!("expected HTTP 403, got {other:?}"),
+    }
+
+    // A kubectl close is passed to the agent with its code.
+    let kubectl = tokio::spawn(async move {
+        ws_connect(
+            addr,
+            EXEC_PATH,
+            &[
+                ("Authorization", &auth),
+                ("Sec-WebSocket-Protocol", "v5.channel.k8s.io"),
+            ],
+        )
+        .await
+    });
+    let start = recv_json(&mut agent).await;
+    let stream = start["payload"]["stream_id"].as_str().unwrap().to_string();
+    agent_send(
+        &mut agent,
+        json!({"type": "proxy_websocket_started", "request_id": stream, "payload": {"stream_id": stream, "protocol": "v5.channel.k8s.io"}}),
+    )
+    .await;
+    let (mut kubectl, _) = kubectl.await.unwrap().unwrap();
+    kubectl.close(None).await.unwrap();
+    let close = recv_json(&mut agent).await;
+    assert_eq!(close["type"], "proxy_websocket_close");
+    assert_eq!(close["payload"]["stream_id"], stream.as_str());
+    assert_eq!(close["payload"]["code"], 1000);
+}
+
+#[tokio::test]
+async fn no_agent_is_502_at_once_and_bad_token_is_401() {
+    let dir = tempfile::tempdir().unwrap();
+    let (addr, _stop) = start(dir.path()).await;
+    let begin = Instant::now();
+    let response = http_raw(
+        TcpStream::connect(addr).await.unwrap(),
+        &get("/clusters/c1/api/v1/pods", Some(USER_TOKEN)),
+    )
+    .await;
+    assert!(response.starts_with("HTTP/1.1 502"), "{response}");
+    assert!(
+        response.contains("\"kind\":\"Status\"") && response.contains("no agent is connected"),
+        "{response}"
+    );
+    assert!(begin.elapsed() < Duration::from_secs(2));
+
+    for token in [None, Some("wrong"), Some(AGENT_TOKEN)] {
+        let response = http_raw(
+            TcpStream::connect(addr).await.unwrap(),
+            &get("/clusters/c1/api", token),
+        )
+        .await;
+        assert!(response.starts_with("HTTP/1.1 401"), "{response}");
+        assert!(
+            response.contains("\"reason\":\"Unauthorized\""),
+            "{response}"
+        );
+    }
+    // Agents need an agent token.
+    match ws_connect(
+        addr,
+        AGENT_PATH,
+        &[("Authorization", &format!("Bearer {USER_TOKEN}"))],
+    )
+    .await
+    {
+        Err(WsError::Http(r)) => assert_eq!(r.status(), 401),
+        other => panic!("expected 401, got {other:?}"),
+    }
+    let health = http_raw(
+        TcpStream::connect(addr).await.unwrap(),
+        &get("/healthz", None),
+    )
+    .await;
+    assert!(health.starts_with("HTTP/1.1 200"), "{health}");
+    let metrics = http_raw(
+        TcpStream::connect(addr).await.unwrap(),
+        &get("/metrics", None),
+    )
+    .await;
+    assert!(metrics.contains("tether_agents_connected 0"), "{metrics}");
+}
+
+#[tokio::test]
+async fn http_request_streams_the_response_with_impersonation() {
+    let dir = tempfile::tempdir().unwrap();
+    let (addr, _stop) = start(dir.path()).await;
+    let mut agent = agent(addr).await;
+    let request = format!(
+        "GET /clusters/c1/api/v1/namespaces/default/pods/demo/log?follow=true HTTP/1.1\r\nHost: cp\r\nAuthorization: Bearer {USER_TOKEN}\r\nImpersonate-Group: system:masters\r\nAccept: application/json\r\nConnection: close\r\n\r\n"
+    );
+    let client =
+        tokio::spawn(
+            async move { http_raw(TcpStream::connect(addr).await.unwrap(), &request).await },
+        );
+    let req = recv_json(&mut agent).await;
+    assert_eq!(req["type"], "proxy_request");
+    let id = req["request_id"].as_str().unwrap().to_string();
+    let p = &req["payload"];
+    assert_eq!(p["method"], "GET");
+    assert_eq!(p["path"], "/api/v1/namespaces/default/pods/demo/log");
+    assert_eq!(p["query"], "follow=true");
+    assert_eq!(p["supports_response_streaming"], true);
+    assert_eq!(p["headers"]["Impersonate-User"], json!(["alice"]));
+    assert_eq!(p["headers"]["accept"], json!(["application/json"]));
+    let names: Vec<String> = p["headers"]
+        .as_object()
+        .unwrap()
+        .keys()
+        .map(|k| k.to_ascii_lowercase())
+        .collect();
+    assert!(
+        !names.contains(&"impersonate-group".to_string())
+            && !names.contains(&"authorization".to_string()),
+        "{names:?}"
+    );
+
+    agent_send(
+        &mut agent,
+        json!({"type": "proxy_response_header", "request_id": id, "payload": {"status": 200, "headers": {"Content-Type": ["text/plain"], "Content-Length": ["999"]}}}),
+    )
+    .await;
+    for line in ["line 1\n", "line 2\n"] {
+        agent_send(
+            &mut agent,
+            json!({"type": "proxy_response_chunk", "request_id": id, "payload": {"data": b64(line.as_bytes()), "encoding": "base64", "size": line.len()}}),
+        )
+        .await;
+    }
+    agent_send(
+        &mut agent,
+        json!({"type": "proxy_response_end", "request_id": id, "payload": {}}),
+    )
+    .await;
+    let response = client.await.unwrap();
+    assert!(response.starts_with("HTTP/1.1 200"), "{response}");
+    let lower = response.to_ascii_lowercase();
+    assert!(lower.contains("transfer-encoding: chunked"), "{response}");
+    assert!(
+        lower.contains("content-type: text/plain") && !lower.contains("content-length: 999"),
+        "{response}"
+    );
+    assert!(
+        response.contains("line 1\n") && response.contains("line 2\n"),
+        "{response}"
+    );
+    assert!(response.ends_with("0\r\n\r\n"), "{response:?}");
+}
+
+#[tokio::test]
+async fn a_newer_tunnel_replaces_the_older_and_its_streams_end_with_an_error() {
+    let dir = tempfile::tempdir().unwrap();
+    let (addr, _stop) = start(dir.path()).await;
+    let mut old = agent(addr).await;
+    let kubectl = tokio::spawn(async move {
+        ws_connect(
+            addr,
+            EXEC_PATH,
+            &[
+                ("Authorization", &format!("Bearer {USER_TOKEN}")),
+                ("Sec-WebSocket-Protocol", "v5.channel.k8s.io"),
+            ],
+        )
+        .await
+    });
+    let start = recv_json(&mut old).await;
+    let stream = start["payload"]["stream_id"].as_str().unwrap().to_string();
+    agent_send(
+        &mut old,
+        json!({"type": "proxy_websocket_started", "request_id": stream, "payload": {"stream_id": stream, "protocol": "v5.channel.k8s.io"}}),
+    )
+    .await;
+    let (mut kubectl, _) = kubectl.await.unwrap().unwrap();
+
+    let mut new = agent(addr).await;
+    let close = loop {
+        match tokio::time::timeout(Duration::from_secs(5), kubectl.next())
+            .await
+            .unwrap()
+        {
+            Some(Ok(WsMessage::Close(frame))) => break frame.unwrap(),
+            Some(Ok(_)) => {}
+            other => panic!("no close frame: {other:?}"),
+        }
+    };
+    assert_eq!(close.code, CloseCode::Error);
+    assert!(close.reason.contains("replaced"), "{}", close.reason);
+    // The old tunnel is closed; the new one serves.
+    let ended = tokio::time::timeout(Duration::from_secs(5), async {
+        loop {
+            match old.next().await {
+                None | Some(Err(_)) | Some(Ok(WsMessage::Close(_))) => break,
+                Some(Ok(_)) => {}
+            }
+        }
+    })
+    .await;
+    assert!(ended.is_ok(), "the old tunnel stayed open");
+    let client = tokio::spawn(async move {
+        http_raw(
+            TcpStream::connect(addr).await.unwrap(),
+            &get("/clusters/c1/version", Some(USER_TOKEN)),
+        )
+        .await
+    });
+    let req = recv_json(&mut new).await;
+    assert_eq!(req["type"], "proxy_request");
+    let id = req["request_id"].as_str().unwrap().to_string();
+    agent_send(
+        &mut new,
+        json!({"type": "proxy_response", "request_id": id, "payload": {"status": 200, "headers": {}, "body": b64(b"{\"major\":\"1\"}"), "encoding": "base64"}}),
+    )
+    .await;
+    let response = client.await.unwrap();
+    assert!(
+        response.starts_with("HTTP/1.1 200") && response.contains("{\"major\":\"1\"}"),
+        "{response}"
+    );
+}
+
+fn tls_client(cert_pem: &[u8]) -> tokio_rustls::TlsConnector {
+    let mut roots = rustls::RootCertStore::empty();
+    for cert in rustls_pemfile::certs(&mut &cert_pem[..]) {
+        roots.add(cert.unwrap()).unwrap();
+    }
+    let config = rustls::ClientConfig::builder_with_provider(Arc::new(
+        rustls::crypto::ring::default_provider(),
+    ))
+    .with_safe_default_protocol_versions()
+    .unwrap()
+    .with_root_certificates(roots)
+    .with_no_client_auth();
+    tokio_rustls::TlsConnector::from(Arc::new(config))
+}
+
+#[tokio::test]
+async fn self_signed_certificate_is_generated_once_and_served_after_restart() {
+    let dir = tempfile::tempdir().unwrap();
+    let mut first_pem = None;
+    for _ in 0..2 {
+        let cp = ControlPlane::bind(config(dir.path(), TlsMode::SelfSigned))
+            .await
+            .unwrap();
+        let addr = cp.local_addr().unwrap();
+        assert!(cp.base_url().starts_with("https://127.0.0.1:"));
+        let (stop, stopped) = tokio::sync::oneshot::channel::<()>();
+        let task = tokio::spawn(cp.run(async move {
+            let _ = stopped.await;
+        }));
+        let pem = std::fs::read(dir.path().join(tls::CERT_FILE)).unwrap();
+        if let Some(first) = &first_pem {
+            assert_eq!(first, &pem, "certificate changed across restarts");
+        }
+        let trusted = first_pem.get_or_insert(pem).clone();
+        let tcp = TcpStream::connect(addr).await.unwrap();
+        let name = rustls::pki_types::ServerName::try_from("127.0.0.1").unwrap();
+        let tls = tls_client(&trusted).connect(name, tcp).await.unwrap();
+        let response = http_raw(tls, &get("/healthz", None)).await;
+        assert!(response.starts_with("HTTP/1.1 200"), "{response}");
+        drop(stop);
+        task.await.unwrap().unwrap();
+    }
+    let endpoint = kubeconfig::read_endpoint(dir.path()).unwrap();
+    assert!(endpoint.starts_with("https://127.0.0.1:"), "{endpoint}");
+    assert_eq!(
+        kubeconfig::read_user_token(dir.path(), "alice")
+            .unwrap()
+            .as_deref(),
+        Some(USER_TOKEN)
+    );
+}
+
+#[test]
+fn gateway_size_is_as_documented() {
+    // The gateway docs promise about half a MiB for 64 streams of 100-message rings.
+    let size = std::mem::size_of::<tunnel::Gw>();
+    assert!(size < 1 << 20, "gateway is {size} bytes");
+}
+
+/// Opens an exec stream through `agent` and returns kubectl's socket and the stream id.
+async fn open_exec(addr: SocketAddr, agent: &mut Ws) -> (Ws, String) {
+    let kubectl = tokio::spawn(async move {
+        ws_connect(
+            addr,
+            EXEC_PATH,
+            &[
+                ("Authorization", &format!("Bearer {USER_TOKEN}")),
+                ("Sec-WebSocket-Protocol", "v5.channel.k8s.io"),
+            ],
+        )
+        .await
+    });
+    let start = recv_json(agent).await;
+    let stream = start["payload"]["stream_id"].as_str().unwrap().to_string();
+    agent_send(
+        agent,
+        json!({"type": "proxy_websocket_started", "request_id": stream, "payload": {"stream_id": stream, "protocol": "v5.channel.k8s.io"}}),
+    )
+    .await;
+    (kubectl.await.unwrap().unwrap().0, stream)
+}
+
+fn chunk(i: usize) -> Vec<u8> {
+    let mut v = vec![u8::try_from(i % 251).unwrap(); 32 * 1024];
+    v[..8].copy_from_slice(&(i as u64).to_be_bytes());
+    v
+}
+
+#[tokio::test]
+async fn no_loss_and_no_reordering_under_backpressure_both_ways() {
+    const N: usize = 200;
+    let dir = tempfile::tempdir().unwrap();
+    let (addr, _stop) = start(dir.path()).await;
+    let mut agent = agent(addr).await;
+    let (kubectl, stream) = open_exec(addr, &mut agent).await;
+    let (mut k_tx, mut k_rx) = kubectl.split();
+
+    // kubectl -> agent: 6.4 MiB while the agent does not read for a while.
+    let sender = tokio::spawn(async move {
+        for i in 0..N {
+            k_tx.send(WsMessage::binary(chunk(i))).await.unwrap();
+        }
+        k_tx
+    });
+    tokio::time::sleep(Duration::from_millis(300)).await;
+    let mut got = 0;
+    while got < N {
+        let m = recv_json(&mut agent).await;
+        assert_eq!(m["type"], "proxy_websocket_data", "{m}");
+        let raw = unb64(&m["payload"]["data"]);
+        assert_eq!(raw[0], 2);
+        assert_eq!(raw[1..], chunk(got)[..], "message {got} lost or reordered");
+        got += 1;
+    }
+    let _k_tx = sender.await.unwrap();
+
+    // agent -> kubectl: 6.4 MiB while kubectl does not read for a while.
+    let (mut a_tx, mut a_rx) = agent.split();
+    let stream2 = stream.clone();
+    let writer = tokio::spawn(async move {
+        for i in 0..N {
+            a_tx.send(WsMessage::text(data(&stream2, 2, &chunk(i)).to_string()))
+                .await
+                .unwrap();
+        }
+        a_tx
+    });
+    // Keep the agent side reading (pings, errors) so nothing stalls there.
+    let drain = tokio::spawn(async move {
+        let mut other = Vec::new();
+        while let Some(Ok(m)) = a_rx.next().await {
+            if let WsMessage::Text(t) = m {
+                other.push(t.to_string());
+            }
+        }
+        other
+    });
+    tokio::time::sleep(Duration::from_millis(500)).await;
+    for i in 0..N {
+        let m = loop {
+            match tokio::time::timeout(Duration::from_secs(10), k_rx.next())
+                .await
+                .unwrap()
+                .unwrap()
+                .unwrap()
+            {
+                WsMessage::Binary(b) => break b,
+                WsMessage::Ping(_) | WsMessage::Pong(_) => {}
+                other => panic!("unexpected {other:?}"),
+            }
+        };
+        assert_eq!(m[..], chunk(i)[..], "message {i} lost or reordered");
+    }
+    let a_tx = writer.await.unwrap();
+    drop(a_tx);
+    drain.abort();
+    // The slow kubectl made the compat tunnel pause (head-of-line blocking), visibly.
+    let metrics = http_raw(
+        TcpStream::connect(addr).await.unwrap(),
+        &get("/metrics", None),
+    )
+    .await;
+    let pauses: u64 = metrics
+        .lines()
+        .find_map(|l| l.strip_prefix("tether_tunnel_pauses_total "))
+        .unwrap()
+        .parse()
+        .unwrap();
+    assert!(pauses > 0, "{metrics}");
+}

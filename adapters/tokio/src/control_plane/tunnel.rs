@@ -1,0 +1,681 @@
+//! One task per agent tunnel: owns the tunnel WebSocket and the [`Gateway`] state machine, and
+//! serves the client tasks of that cluster over channels. No protocol logic lives here: every
+//! decision comes from the gateway's events.
+
+use std::collections::{HashMap, VecDeque};
+use std::sync::Arc;
+use std::sync::atomic::Ordering;
+use std::time::{Duration, SystemTime, UNIX_EPOCH};
+
+use futures_util::{SinkExt as _, StreamExt as _};
+use http::{HeaderName, HeaderValue};
+use tether_core::gateway::{
+    Config, Event, Gateway, Handled, HttpRequest, OpenError, Stats, StreamRequest, TunnelError,
+};
+use tether_core::relay::{Message, SendError, TransmitError};
+use tether_core::time::Instant as CoreInstant;
+use tether_core::wire::UnixTime;
+use tokio::io::{AsyncRead, AsyncWrite};
+use tokio::sync::mpsc;
+use tokio_tungstenite::WebSocketStream;
+use tokio_tungstenite::tungstenite::Message as WsMessage;
+use tokio_tungstenite::tungstenite::protocol::CloseFrame;
+use tokio_tungstenite::tungstenite::protocol::frame::coding::CloseCode;
+
+use super::State;
+use super::link::{CLIENT_WINDOW, Cmd, Link, OpenRequest, OpenStream, ToClient};
+use crate::buf::Buf;
+
+/// Streams and requests one tunnel carries at once.
+pub(crate) const MAX_STREAMS: usize = 64;
+
+/// The gateway of one tunnel (boxed: about half a MiB).
+pub(crate) type Gw = Gateway<Buf, MAX_STREAMS>;
+
+/// Tunnel messages queued for the writer task.
+const WRITE_QUEUE: usize = 64;
+
+/// Response headers never passed to the client: hop-by-hop, and framing the control plane redoes.
+const DROPPED_RESPONSE_HEADERS: &[&str] = &[
+    "connection",
+    "content-length",
+    "keep-alive",
+    "proxy-authenticate",
+    "proxy-connection",
+    "te",
+    "trailer",
+    "transfer-encoding",
+    "upgrade",
+];
+
+/// The HTTP status a client gets when its stream could not even be opened.
+fn open_error_status(e: &OpenError) -> u16 {
+    match e {
+        OpenError::NotRegistered => 502,
+        OpenError::TooManyStreams => 503,
+        OpenError::Request(_) | OpenError::Method => 400,
+        OpenError::TooLarge { .. } | OpenError::PayloadRefused { .. } => 413,
+        OpenError::DuplicateStream | OpenError::StreamId(_) | OpenError::Encode(_) => 500,
+    }
+}
+
+struct LinkState {
+    link: Link,
+    /// Client messages the gateway refused as full, in order; bounded by the client's credits.
+    stash: VecDeque<Message<Buf>>,
+    /// The gateway has data for this client but its window was full.
+    wants_pop: bool,
+}
+
+struct Tunnel {
+    gw: Box<Gw>,
+    cluster: String,
+    generation: u64,
+    state: Arc<State>,
+    links: HashMap<String, LinkState>,
+    out: mpsc::Sender<WsMessage>,
+    pending_out: Option<WsMessage>,
+    /// A tunnel message the gateway refused as `Blocked`, to hand in again on resume.
+    pending_in: Option<Vec<u8>>,
+    paused: bool,
+    registered: bool,
+    dead: bool,
+    lost: bool,
+    base: tokio::time::Instant,
+    cmd_tx: mpsc::UnboundedSender<Cmd>,
+    /// Streams of this tunnel counted in the `streams_active` gauge.
+    counted_streams: i64,
+    buf: Vec<u8>,
+    scratch: Vec<u8>,
+    last_stats: Stats,
+}
+
+/// Serves one authenticated agent tunnel until it ends. `cmd_tx`/`cmd_rx` is the tunnel's command
+/// channel (the registry gets `cmd_tx` once the agent registers).
+pub(crate) async fn run<S>(
+    ws: WebSocketStream<S>,
+    cluster: String,
+    generation: u64,
+    state: Arc<State>,
+    cmd_tx: mpsc::UnboundedSender<Cmd>,
+    mut cmd_rx: mpsc::UnboundedReceiver<Cmd>,
+) where
+    S: AsyncRead + AsyncWrite + Unpin + Send + 'static,
+{
+    let base = tokio::time::Instant::now();
+    let Some(gw) = new_gateway(&cluster) else {
+        tracing::error!(cluster = %cluster, "cannot allocate the tunnel state");
+        return;
+    };
+    let (sink, mut stream) = ws.split();
+    let (out, out_rx) = mpsc::channel(WRITE_QUEUE);
+    let writer = tokio::spawn(write_loop(sink, out_rx));
+    let mut t = Tunnel {
+        gw,
+        cluster,
+        generation,
+        state,
+        links: HashMap::new(),
+        out,
+        pending_out: None,
+        pending_in: None,
+        paused: false,
+        registered: false,
+        dead: false,
+        lost: false,
+        base,
+        cmd_tx,
+        counted_streams: 0,
+        buf: vec![0; 64 * 1024],
+        scratch: vec![0; 64 * 1024],
+        last_stats: Stats::default(),
+    };
+    tracing::info!(cluster = %t.cluster, "agent tunnel connected");
+    loop {
+        t.drive();
+        if t.dead {
+            break;
+        }
+        let deadline =
+            t.gw.poll_timeout()
+                .map(|at| t.base + Duration::from_micros(at.as_micros()));
+        let out = t.out.clone();
+        tokio::select! {
+            permit = out.reserve(), if t.pending_out.is_some() => {
+                match (permit, t.pending_out.take()) {
+                    (Ok(permit), Some(message)) => permit.send(message),
+                    _ => t.dead = true,
+                }
+            }
+            cmd = cmd_rx.recv() => match cmd {
+                Some(cmd) => t.handle_cmd(cmd),
+                None => t.dead = true,
+            },
+            message = stream.next(), if !t.paused => match message {
+                Some(Ok(WsMessage::Text(text))) => t.handle_frame(text.as_bytes().to_vec()),
+                Some(Ok(WsMessage::Binary(bytes))) => t.handle_frame(bytes.to_vec()),
+                Some(Ok(WsMessage::Ping(_) | WsMessage::Pong(_))) => {
+                    let now = t.now();
+                    t.gw.handle_tunnel_activity(now);
+                }
+                Some(Ok(WsMessage::Close(frame))) => {
+                    tracing::info!(cluster = %t.cluster, ?frame, "agent closed the tunnel");
+                    t.dead = true;
+                }
+                Some(Ok(WsMessage::Frame(_))) => {}
+                Some(Err(e)) => {
+                    tracing::warn!(cluster = %t.cluster, error = %e, "agent tunnel failed");
+                    t.dead = true;
+                }
+                None => t.dead = true,
+            },
+            () = sleep_until(deadline), if deadline.is_some() => {
+                let now = t.now();
+                t.gw.handle_timeout(now);
+            }
+        }
+    }
+    t.lose("the agent's tunnel closed");
+    t.drive_metrics();
+    t.state
+        .metrics
+        .streams_active
+        .fetch_sub(t.counted_streams, Ordering::Relaxed);
+    if t.registered {
+        t.state.registry.remove(&t.cluster, t.generation);
+        t.state
+            .metrics
+            .agents_connected
+            .fetch_sub(1, Ordering::Relaxed);
+    }
+    tracing::info!(cluster = %t.cluster, "agent tunnel ended");
+    drop(t);
+    let _ = writer.await;
+}
+
+/// A boxed gateway built on a thread with a large stack: the gateway is about half a MiB and a
+/// debug build copies it a few times on the way into its box, which a 2 MiB worker stack cannot
+/// hold.
+fn new_gateway(cluster: &str) -> Option<Box<Gw>> {
+    let cluster = cluster.to_string();
+    std::thread::Builder::new()
+        .name("tether-gateway-init".into())
+        .stack_size(32 << 20)
+        .spawn(move || Box::new(Gw::new(Config::default(), &cluster, CoreInstant::ZERO)))
+        .ok()?
+        .join()
+        .ok()
+}
+
+async fn sleep_until(deadline: Option<tokio::time::Instant>) {
+    match deadline {
+        Some(at) => tokio::time::sleep_until(at).await,
+        None => std::future::pending().await,
+    }
+}
+
+async fn write_loop<S>(
+    mut sink: futures_util::stream::SplitSink<WebSocketStream<S>, WsMessage>,
+    mut rx: mpsc::Receiver<WsMessage>,
+) where
+    S: AsyncRead + AsyncWrite + Unpin,
+{
+    while let Some(message) = rx.recv().await {
+        if sink.feed(message).await.is_err() {
+            return;
+        }
+        while let Ok(message) = rx.try_recv() {
+            if sink.feed(message).await.is_err() {
+                return;
+            }
+        }
+        if sink.flush().await.is_err() {
+            return;
+        }
+    }
+    let _ = sink.close().await;
+}
+
+impl Tunnel {
+    fn now(&self) -> CoreInstant {
+        CoreInstant::from_micros(u64::try_from(self.base.elapsed().as_micros()).unwrap_or(u64::MAX))
+    }
+
+    fn unix() -> UnixTime {
+        let since = SystemTime::now()
+            .duration_since(UNIX_EPOCH)
+            .unwrap_or_default();
+        UnixTime::new(since.as_secs(), since.subsec_nanos())
+    }
+
+    /// Runs the gateway's outputs until nothing moves.
+    fn drive(&mut self) {
+        loop {
+            let mut progressed = false;
+            if self.pending_out.is_none() {
+                let now = self.now();
+                match self.gw.poll_transmit(now, Self::unix(), &mut self.buf) {
+                    Ok(Some(n)) => {
+                        let bytes = &self.buf[..n];
+                        self.pending_out = Some(match std::str::from_utf8(bytes) {
+                            Ok(text) => WsMessage::text(text),
+                            Err(_) => WsMessage::binary(bytes.to_vec()),
+                        });
+                        progressed = true;
+                    }
+                    Ok(None) => {}
+                    Err(TransmitError::BufferTooSmall { needed }) => {
+                        self.buf.resize(needed, 0);
+                        continue;
+                    }
+                    Err(e) => {
+                        tracing::error!(cluster = %self.cluster, error = %e, "cannot encode a tunnel message");
+                        self.dead = true;
+                        return;
+                    }
+                }
+            }
+            if let Some(message) = self.pending_out.take() {
+                match self.out.try_send(message) {
+                    Ok(()) => progressed = true,
+                    Err(mpsc::error::TrySendError::Full(message)) => {
+                        self.pending_out = Some(message);
+                    }
+                    Err(mpsc::error::TrySendError::Closed(_)) => {
+                        self.dead = true;
+                        return;
+                    }
+                }
+            }
+            while let Some(event) = self.gw.poll_event() {
+                self.handle_event(event);
+                progressed = true;
+            }
+            if !progressed {
+                break;
+            }
+        }
+        self.drive_metrics();
+    }
+
+    /// Adds this tunnel's counter growth to the process metrics.
+    fn drive_metrics(&mut self) {
+        let stats = self.gw.stats();
+        self.state.metrics.add(&self.last_stats, &stats);
+        self.last_stats = stats;
+        let count = i64::try_from(self.gw.stream_count()).unwrap_or(i64::MAX);
+        self.state
+            .metrics
+            .streams_active
+            .fetch_add(count - self.counted_streams, Ordering::Relaxed);
+        self.counted_streams = count;
+    }
+
+    fn handle_event(&mut self, event: Event) {
+        match event {
+            Event::Registered {
+                agent_id,
+                extensions,
+            } => {
+                tracing::info!(
+                    cluster = %self.cluster,
+                    agent_id = %agent_id,
+                    ?extensions,
+                    "agent registered"
+                );
+                if !self.registered {
+                    self.registered = true;
+                    self.state
+                        .metrics
+                        .agents_connected
+                        .fetch_add(1, Ordering::Relaxed);
+                    let old = self.state.registry.insert(
+                        &self.cluster,
+                        self.generation,
+                        self.cmd_tx.clone(),
+                    );
+                    if let Some(old) = old {
+                        tracing::info!(cluster = %self.cluster, "replacing the previous tunnel");
+                        let _ = old.send(Cmd::Replace);
+                    }
+                }
+            }
+            Event::SendPing => {
+                let _ = self.out.try_send(WsMessage::Ping(Default::default()));
+            }
+            Event::TunnelDead => {
+                tracing::warn!(cluster = %self.cluster, "agent tunnel silent past the read deadline");
+                self.dead = true;
+            }
+            Event::PauseTunnelReads => self.paused = true,
+            Event::ResumeTunnelReads => {
+                self.paused = false;
+                if let Some(frame) = self.pending_in.take() {
+                    self.handle_frame(frame);
+                }
+            }
+            Event::Started {
+                stream,
+                subprotocol,
+            } => self.send(
+                stream.as_str(),
+                ToClient::Started {
+                    subprotocol: subprotocol.as_str().to_string(),
+                },
+                false,
+            ),
+            Event::Failed {
+                stream,
+                status,
+                message,
+            } => self.send(
+                stream.as_str(),
+                ToClient::Failed {
+                    status,
+                    message: message.as_str().to_string(),
+                },
+                true,
+            ),
+            Event::DataForClient(stream) => self.pop_for(stream.as_str()),
+            Event::Closed { stream, close } => {
+                self.send(stream.as_str(), ToClient::Closed(close), true);
+            }
+            Event::ResponseEnd(stream) => self.send(stream.as_str(), ToClient::End, true),
+            Event::ResponseAbort { stream, message } => self.send(
+                stream.as_str(),
+                ToClient::Abort(message.as_str().to_string()),
+                true,
+            ),
+            Event::StopReadingClient(_) => {}
+            Event::ResumeReadingClient(stream) => self.feed_stash(stream.as_str()),
+        }
+    }
+
+    /// Sends `item` to the client of `id`; `last` forgets the link (the stream ended).
+    fn send(&mut self, id: &str, item: ToClient, last: bool) {
+        if let Some(l) = self.links.get(id) {
+            let _ = l.link.tx.send(item);
+        }
+        if last {
+            self.links.remove(id);
+        }
+    }
+
+    /// Moves messages for client `id` from the gateway to its task, within its window.
+    fn pop_for(&mut self, id: &str) {
+        let Some(l) = self.links.get_mut(id) else {
+            // Nobody to deliver to; the gateway frees the stream when told the client is gone.
+            return;
+        };
+        loop {
+            if l.link.shared.to_client_inflight.load(Ordering::Acquire) >= CLIENT_WINDOW {
+                l.wants_pop = true;
+                return;
+            }
+            let Some(message) = self.gw.pop_client(id) else {
+                l.wants_pop = false;
+                return;
+            };
+            l.link
+                .shared
+                .to_client_inflight
+                .fetch_add(1, Ordering::AcqRel);
+            let _ = l.link.tx.send(ToClient::Data(message));
+        }
+    }
+
+    /// Hands stashed client messages of `id` to the gateway, in order, until it is full again.
+    fn feed_stash(&mut self, id: &str) {
+        let now = self.now();
+        let Some(l) = self.links.get_mut(id) else {
+            return;
+        };
+        while let Some(message) = l.stash.pop_front() {
+            match self
+                .gw
+                .handle_client_message(now, id, message.kind, message.payload)
+            {
+                Ok(()) => l.link.shared.to_agent.add_permits(1),
+                Err(SendError::Full(payload)) => {
+                    l.stash.push_front(Message {
+                        kind: message.kind,
+                        payload,
+                    });
+                    return;
+                }
+                Err(_) => l.link.shared.to_agent.add_permits(1),
+            }
+        }
+    }
+
+    fn handle_frame(&mut self, frame: Vec<u8>) {
+        let now = self.now();
+        loop {
+            match self
+                .gw
+                .handle_tunnel_message(now, &frame, &mut self.scratch)
+            {
+                Ok(Handled::Consumed) => {}
+                Ok(Handled::ResponseHead(head)) => {
+                    let mut headers = Vec::new();
+                    for (name, values) in head.headers.iter() {
+                        let name = name.to_string();
+                        if DROPPED_RESPONSE_HEADERS
+                            .iter()
+                            .any(|d| d.eq_ignore_ascii_case(&name))
+                        {
+                            continue;
+                        }
+                        let Ok(name) = HeaderName::from_bytes(name.as_bytes()) else {
+                            tracing::warn!(stream = %head.stream, "invalid response header name dropped");
+                            continue;
+                        };
+                        for value in values {
+                            match HeaderValue::from_str(&value.to_string()) {
+                                Ok(value) => headers.push((name.clone(), value)),
+                                Err(_) => tracing::warn!(
+                                    stream = %head.stream,
+                                    header = %name,
+                                    "invalid response header value dropped"
+                                ),
+                            }
+                        }
+                    }
+                    let item = ToClient::Head {
+                        status: head.status,
+                        headers,
+                        gzip: head.gzip,
+                    };
+                    let id = head.stream.as_str().to_string();
+                    self.send(&id, item, false);
+                }
+                Ok(Handled::Other(env, _)) => {
+                    tracing::debug!(cluster = %self.cluster, kind = %env.type_name, "agent message ignored");
+                }
+                Err(TunnelError::Blocked) => {
+                    self.pending_in = Some(frame);
+                    self.paused = true;
+                }
+                Err(TunnelError::ScratchTooSmall { needed }) => {
+                    self.scratch.resize(needed, 0);
+                    continue;
+                }
+                // Logged and answered by the gateway; nothing else changed.
+                Err(_) => {}
+            }
+            return;
+        }
+    }
+
+    fn handle_cmd(&mut self, cmd: Cmd) {
+        let now = self.now();
+        match cmd {
+            Cmd::OpenStream(open) => self.open_stream(open),
+            Cmd::OpenRequest(open) => self.open_request(open),
+            Cmd::Message { id, message } => {
+                let Some(l) = self.links.get_mut(&id) else {
+                    return;
+                };
+                if !l.stash.is_empty() {
+                    l.stash.push_back(message);
+                    return;
+                }
+                match self
+                    .gw
+                    .handle_client_message(now, &id, message.kind, message.payload)
+                {
+                    Ok(()) => l.link.shared.to_agent.add_permits(1),
+                    Err(SendError::Full(payload)) => l.stash.push_back(Message {
+                        kind: message.kind,
+                        payload,
+                    }),
+                    Err(SendError::TooLarge(_)) => {
+                        tracing::warn!(stream = %id, "client message larger than the tunnel limit; closing");
+                        l.link.shared.to_agent.add_permits(1);
+                        let close = tether_core::relay::Close::new(1009, "message too big");
+                        let _ = l.link.tx.send(ToClient::Closed(close.clone()));
+                        self.links.remove(&id);
+                        let _ = self.gw.handle_client_closed(now, &id, Some(close));
+                    }
+                    Err(SendError::Closed(_)) => l.link.shared.to_agent.add_permits(1),
+                }
+            }
+            Cmd::ClientClosed { id, close } => {
+                self.links.remove(&id);
+                let _ = self.gw.handle_client_closed(now, &id, close);
+            }
+            Cmd::Writable { id } => {
+                if self.links.get(&id).is_some_and(|l| l.wants_pop) {
+                    self.pop_for(&id);
+                }
+            }
+            Cmd::Replace => {
+                self.lose_with_close("replaced by a newer connection from the same cluster");
+            }
+        }
+    }
+
+    fn open_stream(&mut self, open: OpenStream) {
+        let now = self.now();
+        let headers: Vec<(&[u8], &[u8])> = open
+            .headers
+            .iter()
+            .map(|(n, v)| (n.as_slice(), v.as_slice()))
+            .collect();
+        let req = StreamRequest {
+            id: &open.id,
+            path: &open.path,
+            query: &open.query,
+            headers: &headers.as_slice(),
+            protocols: &open.protocols,
+            user: Some(&open.user),
+        };
+        match self
+            .gw
+            .open_stream(now, Self::unix(), &req, &mut self.scratch)
+        {
+            Ok(()) => {
+                tracing::info!(cluster = %self.cluster, stream = %open.id, user = %open.user, path = %open.path, "stream opened");
+                self.links.insert(
+                    open.id,
+                    LinkState {
+                        link: open.link,
+                        stash: VecDeque::new(),
+                        wants_pop: false,
+                    },
+                );
+            }
+            Err(e) => {
+                tracing::warn!(cluster = %self.cluster, stream = %open.id, error = %e, "stream refused");
+                let _ = open.link.tx.send(ToClient::Failed {
+                    status: open_error_status(&e),
+                    message: e.to_string(),
+                });
+            }
+        }
+    }
+
+    fn open_request(&mut self, open: OpenRequest) {
+        let now = self.now();
+        let headers: Vec<(&[u8], &[u8])> = open
+            .headers
+            .iter()
+            .map(|(n, v)| (n.as_slice(), v.as_slice()))
+            .collect();
+        let req = HttpRequest {
+            id: &open.id,
+            method: &open.method,
+            path: &open.path,
+            query: &open.query,
+            headers: &headers.as_slice(),
+            user: Some(&open.user),
+            body: &open.body,
+        };
+        let needed = self
+            .gw
+            .max_transmit_len()
+            .min(tether_core::wire::b64::encoded_len(open.body.len()).saturating_add(64 * 1024));
+        if self.scratch.len() < needed {
+            self.scratch.resize(needed, 0);
+        }
+        match self
+            .gw
+            .open_request(now, Self::unix(), &req, &mut self.scratch)
+        {
+            Ok(()) => {
+                tracing::debug!(cluster = %self.cluster, request = %open.id, user = %open.user, method = %open.method, path = %open.path, "request forwarded");
+                self.links.insert(
+                    open.id,
+                    LinkState {
+                        link: open.link,
+                        stash: VecDeque::new(),
+                        wants_pop: false,
+                    },
+                );
+            }
+            Err(e) => {
+                tracing::warn!(cluster = %self.cluster, request = %open.id, error = %e, "request refused");
+                let _ = open.link.tx.send(ToClient::Failed {
+                    status: open_error_status(&e),
+                    message: e.to_string(),
+                });
+            }
+        }
+    }
+
+    /// Ends every stream with `reason` (once), delivering the gateway's final events.
+    fn lose(&mut self, reason: &str) {
+        if !self.lost {
+            self.lost = true;
+            let now = self.now();
+            self.gw.handle_tunnel_lost(now, reason);
+            while let Some(event) = self.gw.poll_event() {
+                self.handle_event(event);
+            }
+            // Whatever remains for a client that was slow: hand it over regardless of the window.
+            let ids: Vec<String> = self.links.keys().cloned().collect();
+            for id in ids {
+                while let Some(message) = self.gw.pop_client(&id) {
+                    if let Some(l) = self.links.get(&id) {
+                        let _ = l.link.tx.send(ToClient::Data(message));
+                    }
+                }
+            }
+            while let Some(event) = self.gw.poll_event() {
+                self.handle_event(event);
+            }
+            self.links.clear();
+        }
+    }
+
+    fn lose_with_close(&mut self, reason: &str) {
+        self.lose(reason);
+        let frame = CloseFrame {
+            code: CloseCode::Away,
+            reason: reason.into(),
+        };
+        let _ = self.out.try_send(WsMessage::Close(Some(frame)));
+        self.pending_out = None;
+        self.dead = true;
+    }
+}
