@@ -72,10 +72,32 @@ pub(crate) fn run_all(steps: &[Step]) -> Result<(), Failure> {
 }
 
 /// `cargo` as invoked by the user (`$CARGO`), started in the workspace root.
+///
+/// The variables `cargo run` set for xtask itself (`CARGO_PKG_*`, `CARGO_MANIFEST_*`, ...) are
+/// removed: build scripts that track them (ring's does) would otherwise see a different
+/// environment than a plain `cargo build` and rebuild everything above them each time.
 pub(crate) fn cargo() -> Command {
     let mut cmd = Command::new(std::env::var_os("CARGO").unwrap_or_else(|| "cargo".into()));
     cmd.current_dir(workspace_root());
+    for (key, _) in std::env::vars_os() {
+        let Some(key) = key.to_str() else { continue };
+        if is_xtask_only(key) {
+            cmd.env_remove(key);
+        }
+    }
     cmd
+}
+
+/// Whether `key` is a variable cargo sets only for the xtask process it runs.
+fn is_xtask_only(key: &str) -> bool {
+    const PREFIXES: [&str; 5] = [
+        "CARGO_PKG_",
+        "CARGO_MANIFEST_",
+        "CARGO_BIN_",
+        "CARGO_CRATE_",
+        "CARGO_PRIMARY_PACKAGE",
+    ];
+    PREFIXES.iter().any(|p| key.starts_with(p))
 }
 
 /// The workspace root: the parent of this crate's manifest directory.

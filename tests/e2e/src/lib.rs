@@ -1,0 +1,24 @@
+//! Support for the end-to-end tests in `tests/`: real kubectl -> `tether-control-plane` ->
+//! tunnel -> `tether-agent` -> kubesim, all real processes on loopback with TLS and tokens.
+//!
+//! * [`bins`]: finds (and builds once per test process) the three binaries.
+//! * [`cluster::Cluster`]: starts kubesim, the control plane and the agent, writes kubeconfigs,
+//!   waits until the tunnel works, prints the processes' log tails when a test fails and stops
+//!   everything on drop.
+//! * [`kubectl`]: runs the real kubectl (`/usr/bin/kubectl`, v1.32) and collects its results.
+//! * [`scripted`]: a scripted control plane (WebSocket server, TLS or plain) for driving the
+//!   agent message by message.
+//! * [`data`]: deterministic payloads and checksums; [`https`]: a tiny HTTPS client;
+//!   [`tls`]: throwaway certificates; [`proc`]: child processes with log files.
+
+pub mod bins;
+pub mod cluster;
+pub mod data;
+pub mod https;
+pub mod kubectl;
+pub mod proc;
+pub mod scripted;
+pub mod tls;
+
+pub use cluster::{CLUSTER, Cluster, POD, USER};
+pub use kubectl::{Outcome, Running};
