@@ -18,6 +18,7 @@ const NO_STD_CRATES: &[(&str, &[&str])] = &[
     ("tether-core", &[]),
     ("tether-core", &["log"]),
     ("tether-core", &["defmt"]),
+    ("tether-embassy", &[]),
 ];
 
 /// One step per (crate, features) pair.
