@@ -81,6 +81,10 @@ fn ci() -> Result<(), step::Failure> {
             ],
         ),
         step::Step::cargo("test", &["test"]),
+        step::Step::cargo(
+            "test tether-embassy --features tls",
+            &["test", "-p", "tether-embassy", "--features", "tls"],
+        ),
         // Not a default member: its Linux and firmware builds cannot share one feature set.
         step::Step::cargo(
             "clippy tether-gateway (Linux build)",
