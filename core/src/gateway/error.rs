@@ -135,6 +135,8 @@ pub enum OpenError {
     },
     /// The start could not be encoded (e.g. the Unix time is out of range).
     Encode(EncodeError),
+    /// A TCP stream's host is not a valid dial target or its port is 0.
+    TcpTarget,
 }
 
 impl fmt::Display for OpenError {
@@ -149,6 +151,7 @@ impl fmt::Display for OpenError {
             Self::TooLarge { needed } => write!(f, "request too large: {needed} bytes encoded"),
             Self::PayloadRefused { len } => write!(f, "request of {len} bytes refused"),
             Self::Encode(e) => fmt::Display::fmt(e, f),
+            Self::TcpTarget => f.write_str("invalid tcp target (host or port)"),
         }
     }
 }

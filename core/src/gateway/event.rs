@@ -36,7 +36,8 @@ pub enum Event {
     ResumeTunnelReads,
     /// The upstream accepted the WebSocket stream: answer the client's upgrade with 101 and this
     /// subprotocol (none when empty). For an agent without the `websocket_started` extension this
-    /// comes at once, with the first subprotocol the client offered.
+    /// comes at once, with the first subprotocol the client offered. A TCP stream gets it at once,
+    /// with no subprotocol.
     Started {
         /// The stream.
         stream: StreamId,
@@ -59,7 +60,8 @@ pub enum Event {
     /// client (WebSocket messages with their kind; response body chunks for requests).
     DataForClient(StreamId),
     /// The WebSocket stream ended from the agent's side: close the client WebSocket with this code
-    /// and reason. Every message was popped before. Terminal.
+    /// and reason. Every message was popped before. Terminal. For a TCP stream: close the socket
+    /// (1000: the service closed; otherwise an error, e.g. `connection_failed: ...`).
     Closed {
         /// The stream.
         stream: StreamId,
@@ -107,7 +109,7 @@ pub enum Handled<'a> {
     Consumed,
     /// A response header for a request: send it to the client now, before handling the next event.
     ResponseHead(ResponseHead<'a>),
-    /// A message the gateway does not act on (backpressure, protocol_fallback, gateway_hello_ack, L4
+    /// A message the gateway does not act on (backpressure, protocol_fallback, gateway_hello_ack, UDP
     /// tunnel messages): up to the adapter, typically logged.
     Other(Envelope<'a>, AgentMessage<'a>),
 }

@@ -7,6 +7,7 @@
 //!   [`handle_tunnel_activity`](Gateway::handle_tunnel_activity) for tunnel pongs;
 //!   [`open_stream`](Gateway::open_stream) for a client WebSocket upgrade,
 //!   [`open_request`](Gateway::open_request) for a plain HTTP request;
+//!   [`open_tcp`](Gateway::open_tcp) for a forwarded TCP connection (see [`tcp`]);
 //!   [`handle_client_message`](Gateway::handle_client_message) for every client WebSocket data
 //!   message; [`handle_client_closed`](Gateway::handle_client_closed) when a client closes or goes
 //!   away; [`handle_timeout`](Gateway::handle_timeout) when [`poll_timeout`](Gateway::poll_timeout)
@@ -52,6 +53,11 @@
 //! before the header is [`Event::Failed`]. A client that goes away gets its request cancelled with
 //! `proxy_cancel`.
 //!
+//! # TCP streams
+//!
+//! [`open_tcp`](Gateway::open_tcp) carries a raw TCP connection as `tcp_tunnel_*` messages, with the
+//! same rings, events and backpressure as a WebSocket stream: see [`tcp`].
+//!
 //! # Backpressure (never drop)
 //!
 //! Each stream has a ring per direction (`RING` messages and [`Config::ring_bytes`]).
@@ -75,6 +81,7 @@ mod error;
 mod event;
 mod headers;
 mod stream;
+pub mod tcp;
 
 #[cfg(test)]
 mod tests;
@@ -101,6 +108,7 @@ pub use error::{ClientError, OpenError, TunnelError};
 pub use event::{Event, Handled, ResponseHead, Stats};
 pub use headers::{DROPPED_HEADERS, IMPERSONATE_PREFIX, is_forwarded};
 pub use stream::StreamKind;
+pub use tcp::TcpOpen;
 
 use headers::Forwarded;
 use stream::{ClientEnd, Failure, Flow, StreamData};
@@ -457,7 +465,7 @@ impl<M: PayloadBuf, const STREAMS: usize, const RING: usize> Gateway<M, STREAMS,
         let open = entry.state() == StreamState::Open;
         let d = &mut entry.value;
         let accepting = open
-            && d.kind == StreamKind::WebSocket
+            && d.kind != StreamKind::Request
             && d.client_alive
             && d.agent_alive
             && d.owe_agent_close.is_none();
@@ -514,7 +522,7 @@ impl<M: PayloadBuf, const STREAMS: usize, const RING: usize> Gateway<M, STREAMS,
             if d.start.take().is_some() {
                 d.agent_alive = false;
                 self.stats.discarded_messages += d.to_agent.clear().0 as u64;
-            } else if d.kind == StreamKind::WebSocket {
+            } else if d.kind != StreamKind::Request {
                 let close = close.unwrap_or_else(|| Close::new(1001, "client went away"));
                 info!("stream {}: closed by client ({})", stream, close);
                 d.owe_agent_close = Some(close);
@@ -661,6 +669,10 @@ impl<M: PayloadBuf, const STREAMS: usize, const RING: usize> Gateway<M, STREAMS,
                 let message = error.map(|e| truncated(e.chars())).unwrap_or_default();
                 self.on_response_end(id, ClientEnd::Abort(message))
             }
+            AgentMessage::TcpTunnelData { data } => self.on_tcp_data(&env, data, scratch),
+            AgentMessage::TcpTunnelClose { reason, error, .. } => {
+                self.on_tcp_close(&env, reason, error)
+            }
             other => {
                 debug!("agent message {} left to the adapter", env.type_name);
                 Ok(Handled::Other(env, other))
@@ -767,7 +779,9 @@ impl<M: PayloadBuf, const STREAMS: usize, const RING: usize> Gateway<M, STREAMS,
         } else if d.owe_client_end.is_none() {
             // Started: the agent's close follows; make sure it does not read as success.
             d.owe_client_end = Some(match d.kind {
-                StreamKind::WebSocket => ClientEnd::Close(Close::new(1011, message.as_str())),
+                StreamKind::WebSocket | StreamKind::Tcp => {
+                    ClientEnd::Close(Close::new(1011, message.as_str()))
+                }
                 StreamKind::Request => ClientEnd::Abort(message),
             });
             if d.kind == StreamKind::Request {
@@ -1108,6 +1122,7 @@ impl<M: PayloadBuf, const STREAMS: usize, const RING: usize> Gateway<M, STREAMS,
             AgentMessage::ProxyResponse { .. } | AgentMessage::ProxyResponseChunk { .. } => {
                 env.request_id
             }
+            AgentMessage::TcpTunnelData { .. } => tcp::tunnel_id(env),
             _ => None,
         };
         if let Some(slot) = stream.and_then(|id| self.lookup(id)) {
@@ -1132,7 +1147,7 @@ impl<M: PayloadBuf, const STREAMS: usize, const RING: usize> Gateway<M, STREAMS,
                 });
             } else {
                 d.owe_client_end = Some(match d.kind {
-                    StreamKind::WebSocket => ClientEnd::Close(close.clone()),
+                    StreamKind::WebSocket | StreamKind::Tcp => ClientEnd::Close(close.clone()),
                     StreamKind::Request => ClientEnd::Abort(truncated(close.reason.chars())),
                 });
             }
@@ -1140,7 +1155,7 @@ impl<M: PayloadBuf, const STREAMS: usize, const RING: usize> Gateway<M, STREAMS,
         if d.agent_alive {
             if d.start.take().is_some() {
                 d.agent_alive = false;
-            } else if d.kind == StreamKind::WebSocket {
+            } else if d.kind != StreamKind::Request {
                 d.owe_agent_close = Some(close);
             } else {
                 d.owe_cancel = true;
@@ -1253,7 +1268,9 @@ impl<M: PayloadBuf, const STREAMS: usize, const RING: usize> Gateway<M, STREAMS,
                     self.stats.streams_failed += 1;
                 } else if d.owe_client_end.is_none() {
                     d.owe_client_end = Some(match d.kind {
-                        StreamKind::WebSocket => ClientEnd::Close(Close::new(1011, reason)),
+                        StreamKind::WebSocket | StreamKind::Tcp => {
+                            ClientEnd::Close(Close::new(1011, reason))
+                        }
                         StreamKind::Request => ClientEnd::Abort(truncated(reason.chars())),
                     });
                 }
@@ -1306,7 +1323,7 @@ impl<M: PayloadBuf, const STREAMS: usize, const RING: usize> Gateway<M, STREAMS,
                 let d = &mut entry.value;
                 if d.start.take().is_some() {
                     d.agent_alive = false;
-                } else if d.kind == StreamKind::WebSocket {
+                } else if d.kind != StreamKind::Request {
                     d.owe_agent_close = Some(Close::new(1001, "start timed out"));
                 } else {
                     d.owe_cancel = true;
@@ -1504,15 +1521,19 @@ impl<M: PayloadBuf, const STREAMS: usize, const RING: usize> Gateway<M, STREAMS,
         }
         let id = WireStr::Plain(stream.as_str());
         if let Some(close) = d.owe_agent_close.as_ref().filter(|_| d.to_agent.is_empty()) {
-            let frame = CloseFrame {
-                code: close.code,
-                reason: close.reason.as_str(),
+            let n = if d.kind == StreamKind::Tcp {
+                tcp::close_message(id, close).encode(Some(id), unix, buf)?
+            } else {
+                let frame = CloseFrame {
+                    code: close.code,
+                    reason: close.reason.as_str(),
+                };
+                ControlMessage::WebSocketClose {
+                    stream_id: id,
+                    close: ext.websocket_close_code.then_some(frame),
+                }
+                .encode(Some(id), unix, buf)?
             };
-            let n = ControlMessage::WebSocketClose {
-                stream_id: id,
-                close: ext.websocket_close_code.then_some(frame),
-            }
-            .encode(Some(id), unix, buf)?;
             d.owe_agent_close = None;
             d.agent_alive = false;
             self.settle(slot);
@@ -1544,16 +1565,24 @@ impl<M: PayloadBuf, const STREAMS: usize, const RING: usize> Gateway<M, STREAMS,
             return Ok(None);
         };
         let bytes = message.payload.as_bytes();
-        let frame = match message.kind {
-            MessageKind::Text => DataFrame::Text(bytes),
-            MessageKind::Binary => DataFrame::Binary(bytes),
-        };
         let id = WireStr::Plain(entry.id().as_str());
-        let n = ControlMessage::WebSocketData {
-            stream_id: id,
-            frame,
-        }
-        .encode(Some(id), unix, buf)?;
+        let n = if entry.value.kind == StreamKind::Tcp {
+            ControlMessage::TcpTunnelData {
+                tunnel_id: id,
+                data: bytes,
+            }
+            .encode(Some(id), unix, buf)?
+        } else {
+            let frame = match message.kind {
+                MessageKind::Text => DataFrame::Text(bytes),
+                MessageKind::Binary => DataFrame::Binary(bytes),
+            };
+            ControlMessage::WebSocketData {
+                stream_id: id,
+                frame,
+            }
+            .encode(Some(id), unix, buf)?
+        };
         self.stats.bytes_to_agent += bytes.len() as u64;
         if let Some(entry) = self.streams.at_mut(slot) {
             let d = &mut entry.value;

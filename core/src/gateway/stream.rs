@@ -14,6 +14,8 @@ pub enum StreamKind {
     WebSocket,
     /// A plain HTTP request (`proxy_request` / `proxy_response*`).
     Request,
+    /// A raw TCP connection (`tcp_tunnel_*`), see [`Gateway::open_tcp`](super::Gateway::open_tcp).
+    Tcp,
 }
 
 /// A pending "stop/resume reading" notice; a later notice replaces an unpolled earlier one.

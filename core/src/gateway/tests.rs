@@ -58,15 +58,20 @@ fn decode_sent(frame: &[u8]) -> Sent {
     let env = Envelope::parse(frame).expect("gateway sent an invalid envelope");
     let p = env.payload;
     let s = |k: &str| p.get(k).and_then(|v| v.as_str()).map(|v| v.to_string());
-    let data = p.get("data").and_then(|v| v.as_str()).map(|b64| {
-        let mut out = vec![0u8; 1 << 16];
-        let raw = Base64Str(b64).decode_into(&mut out).unwrap();
-        let frame = DataFrame::parse(raw).unwrap();
-        let (head, head_len, body) = frame.parts();
-        let mut payload = head[1..head_len].to_vec();
-        payload.extend_from_slice(body);
-        (head[0], payload)
-    });
+    let ws = env.type_name != "tcp_tunnel_data";
+    let data = p
+        .get("data")
+        .and_then(|v| v.as_str())
+        .filter(|_| ws)
+        .map(|b64| {
+            let mut out = vec![0u8; 1 << 16];
+            let raw = Base64Str(b64).decode_into(&mut out).unwrap();
+            let frame = DataFrame::parse(raw).unwrap();
+            let (head, head_len, body) = frame.parts();
+            let mut payload = head[1..head_len].to_vec();
+            payload.extend_from_slice(body);
+            (head[0], payload)
+        });
     Sent {
         kind: env.type_name.to_string(),
         request_id: env.request_id.map(|r| r.to_string()),
@@ -956,6 +961,8 @@ mod pair {
         /// Upstream dials the relay asked for: (stream, path, offered protocol).
         dials: Vec<(String, String, Option<String>)>,
         closes_upstream: Vec<(String, Close)>,
+        /// TCP dials the relay asked for: (tunnel, host, port).
+        tcp_dials: Vec<(String, String, u16)>,
         client: BTreeMap<String, Vec<(MessageKind, Vec<u8>)>>,
         events: Vec<Event>,
     }
@@ -973,6 +980,7 @@ mod pair {
                 upstream: BTreeMap::new(),
                 dials: Vec::new(),
                 closes_upstream: Vec::new(),
+                tcp_dials: Vec::new(),
                 client: BTreeMap::new(),
                 events: Vec::new(),
             };
@@ -1008,12 +1016,21 @@ mod pair {
                         .unwrap_or_else(|e| {
                             panic!("relay refused {}: {e}", String::from_utf8_lossy(&frame))
                         });
-                    if let relay::Handled::Start(start) = handled {
-                        self.dials.push((
+                    match handled {
+                        relay::Handled::Start(start) => self.dials.push((
                             start.stream.to_string(),
                             start.path.to_string(),
                             start.protocol.map(|p| p.to_string()),
-                        ));
+                        )),
+                        relay::Handled::Other(env, crate::wire::Inbound::TcpTunnelStart(start)) => {
+                            let req = self.relay.start_tcp_tunnel(self.now, &env, &start).unwrap();
+                            self.tcp_dials.push((
+                                req.tunnel.to_string(),
+                                req.host.to_string(),
+                                req.port,
+                            ));
+                        }
+                        _ => {}
                     }
                     moved = true;
                 }
@@ -1200,5 +1217,359 @@ mod pair {
             [("s2".to_string(), Close::new(1000, ""))]
         );
         assert_eq!((p.gw.stream_count(), p.relay.stream_count()), (0, 0));
+    }
+
+    #[test]
+    fn tcp_through_the_agent_relay_data_close_dial_failure_service_close() {
+        let mut p = Pair::new();
+        p.events.clear();
+        let open = |id| TcpOpen {
+            id,
+            host: "db.internal",
+            port: 5432,
+            client_addr: Some("127.0.0.1:40000"),
+        };
+        p.gw.open_tcp(p.now, EPOCH, &open("t1"), &mut p.scratch)
+            .unwrap();
+        p.run();
+        assert_eq!(
+            p.tcp_dials,
+            [("t1".to_string(), "db.internal".to_string(), 5432)]
+        );
+        assert!(p.relay.is_tcp_tunnel("t1"));
+        p.relay.handle_upstream_started(p.now, "t1", None).unwrap();
+        // Client -> service, in order.
+        for chunk in [&b"SELECT "[..], b"1;"] {
+            p.gw.handle_client_message(p.now, "t1", MessageKind::Binary, Bytes(chunk.to_vec()))
+                .unwrap();
+        }
+        p.run();
+        let up: Vec<u8> = p.upstream["t1"]
+            .iter()
+            .flat_map(|(_, b)| b.clone())
+            .collect();
+        assert_eq!(up, b"SELECT 1;");
+        // Service -> client.
+        p.relay
+            .handle_upstream_message(p.now, "t1", MessageKind::Binary, Bytes(b"1 row".to_vec()))
+            .unwrap();
+        p.run();
+        assert_eq!(p.client["t1"], [(MessageKind::Binary, b"1 row".to_vec())]);
+        // Client EOF: the relay closes the service socket; both sides free the tunnel.
+        p.gw.handle_client_closed(p.now, "t1", Some(Close::new(1000, "")))
+            .unwrap();
+        p.run();
+        assert_eq!(p.closes_upstream.len(), 1);
+        assert_eq!(p.closes_upstream[0].0, "t1");
+        assert_eq!((p.gw.stream_count(), p.relay.stream_count()), (0, 0));
+
+        // The agent cannot dial: the client is closed with its error.
+        p.events.clear();
+        p.gw.open_tcp(p.now, EPOCH, &open("t2"), &mut p.scratch)
+            .unwrap();
+        p.run();
+        p.relay
+            .handle_upstream_failed(p.now, "t2", 502, "connection refused")
+            .unwrap();
+        p.run();
+        let closed = p.events.iter().find_map(|e| match e {
+            Event::Closed { stream, close } if stream.as_str() == "t2" => Some(close.clone()),
+            _ => None,
+        });
+        let closed = closed.expect("the client of t2 is closed");
+        assert_eq!(closed.code, 1011);
+        assert!(closed.reason.starts_with("connection_failed"), "{closed:?}");
+        assert!(closed.reason.contains("connection refused"), "{closed:?}");
+        assert_eq!((p.gw.stream_count(), p.relay.stream_count()), (0, 0));
+
+        // The service closes: its last bytes, then a clean close.
+        p.events.clear();
+        p.gw.open_tcp(p.now, EPOCH, &open("t3"), &mut p.scratch)
+            .unwrap();
+        p.run();
+        p.relay.handle_upstream_started(p.now, "t3", None).unwrap();
+        p.relay
+            .handle_upstream_message(p.now, "t3", MessageKind::Binary, Bytes(b"bye".to_vec()))
+            .unwrap();
+        p.relay
+            .handle_tcp_closed(p.now, "t3", relay::TcpCloseReason::ServiceClosed, "")
+            .unwrap();
+        p.run();
+        assert_eq!(p.client["t3"], [(MessageKind::Binary, b"bye".to_vec())]);
+        assert_eq!(
+            p.events[1..],
+            [
+                Event::DataForClient(sid("t3")),
+                Event::Closed {
+                    stream: sid("t3"),
+                    close: Close::new(1000, "service_closed")
+                }
+            ]
+        );
+        assert_eq!((p.gw.stream_count(), p.relay.stream_count()), (0, 0));
+    }
+}
+
+// -------------------------------------------------------------------------------------------------
+// Raw TCP streams
+
+mod tcp {
+    use super::*;
+
+    fn tcp_data_json(id: &str, payload: &[u8]) -> String {
+        format!(
+            r#"{{"type":"tcp_tunnel_data","request_id":"{id}","payload":{{"data":"{}","direction":"agent_to_gateway"}}}}"#,
+            b64(payload)
+        )
+    }
+
+    fn tcp_close_json(id: &str, reason: &str, error: Option<&str>) -> String {
+        let error = error
+            .map(|e| format!(r#","error":"{e}""#))
+            .unwrap_or_default();
+        format!(
+            r#"{{"type":"tcp_tunnel_close","request_id":"{id}","payload":{{"reason":"{reason}"{error}}}}}"#
+        )
+    }
+
+    fn open_tcp(h: &mut Harness, id: &str) -> Result<(), OpenError> {
+        let req = TcpOpen {
+            id,
+            host: "127.0.0.1",
+            port: 5432,
+            client_addr: Some("127.0.0.1:40000"),
+        };
+        let r = h.gw.open_tcp(h.now, EPOCH, &req, &mut h.scratch);
+        h.drive();
+        r
+    }
+
+    /// The raw payload of a `tcp_tunnel_data` the gateway sent.
+    fn tcp_bytes(sent: &Sent) -> Vec<u8> {
+        let env = Envelope::parse(sent.raw.as_bytes()).unwrap();
+        let b = env.payload.get("data").unwrap().as_str().unwrap();
+        let mut out = vec![0u8; 1 << 16];
+        Base64Str(b).decode_into(&mut out).unwrap().to_vec()
+    }
+
+    #[test]
+    fn golden_tcp_start_and_started_at_once() {
+        let mut h = Harness::registered(true);
+        open_tcp(&mut h, "t1").unwrap();
+        let sent = h.take_sent();
+        assert_eq!(sent.len(), 1);
+        assert_eq!(
+            sent[0].raw,
+            format!(
+                r#"{{"type":"tcp_tunnel_start","request_id":"t1","payload":{{"tunnel_id":"t1","service_name":"127.0.0.1","service_port":5432,"client_addr":"127.0.0.1:40000"}},"timestamp":"{STAMP}"}}"#
+            )
+        );
+        assert_eq!(
+            h.take_events(),
+            [Event::Started {
+                stream: sid("t1"),
+                subprotocol: s("")
+            }]
+        );
+        assert_eq!(h.gw.stream_state("t1"), Some(StreamState::Open));
+    }
+
+    #[test]
+    fn tcp_open_errors() {
+        let mut h = Harness::new();
+        assert_eq!(open_tcp(&mut h, "t1"), Err(OpenError::NotRegistered));
+        let mut h = Harness::registered(false);
+        for (host, port) in [("", 80), ("a b", 80), ("x", 0), ("evil\"host", 1)] {
+            let req = TcpOpen {
+                id: "t1",
+                host,
+                port,
+                client_addr: None,
+            };
+            assert_eq!(
+                h.gw.open_tcp(h.now, EPOCH, &req, &mut h.scratch),
+                Err(OpenError::TcpTarget)
+            );
+        }
+        assert_eq!(h.gw.stream_count(), 0);
+        open_tcp(&mut h, "t1").unwrap();
+        assert_eq!(open_tcp(&mut h, "t1"), Err(OpenError::DuplicateStream));
+    }
+
+    #[test]
+    fn tcp_data_both_ways_in_order_then_client_eof() {
+        let mut h = Harness::registered(true);
+        open_tcp(&mut h, "t1").unwrap();
+        h.take_sent();
+        h.take_events();
+        h.client_send("t1", MessageKind::Binary, b"hello ").unwrap();
+        h.client_send("t1", MessageKind::Binary, b"world").unwrap();
+        let sent = h.take_sent();
+        assert!(sent.iter().all(|s| s.kind == "tcp_tunnel_data"));
+        let bytes: Vec<u8> = sent.iter().flat_map(tcp_bytes).collect();
+        assert_eq!(bytes, b"hello world");
+        assert_eq!(
+            sent[0].raw,
+            format!(
+                r#"{{"type":"tcp_tunnel_data","request_id":"t1","payload":{{"tunnel_id":"t1","data":"aGVsbG8g"}},"timestamp":"{STAMP}"}}"#
+            )
+        );
+        assert_eq!(h.feed(&tcp_data_json("t1", b"back")), Ok(Got::Consumed));
+        assert_eq!(h.feed(&tcp_data_json("t1", b" again")), Ok(Got::Consumed));
+        h.drive();
+        assert_eq!(
+            h.received("t1"),
+            [
+                (MessageKind::Binary, b"back".to_vec()),
+                (MessageKind::Binary, b" again".to_vec())
+            ]
+        );
+        // EOF from the client: queued bytes first, then the close.
+        h.gw.handle_client_message(h.now, "t1", MessageKind::Binary, Bytes(b"last".to_vec()))
+            .unwrap();
+        h.gw.handle_client_closed(h.now, "t1", Some(Close::new(1000, "")))
+            .unwrap();
+        h.drive();
+        let sent = h.take_sent();
+        assert_eq!(
+            sent.iter().map(|s| s.kind.as_str()).collect::<Vec<_>>(),
+            ["tcp_tunnel_data", "tcp_tunnel_close"]
+        );
+        assert_eq!(tcp_bytes(&sent[0]), b"last");
+        assert_eq!(sent[1].reason.as_deref(), Some("client_closed"));
+        assert_eq!(h.gw.stream_count(), 0);
+    }
+
+    #[test]
+    fn tcp_dial_failure_closes_the_client_with_the_agents_error() {
+        let mut h = Harness::registered(true);
+        open_tcp(&mut h, "t1").unwrap();
+        h.take_events();
+        h.take_sent();
+        let json = tcp_close_json("t1", "connection_failed", Some("connection refused"));
+        assert_eq!(h.feed(&json), Ok(Got::Consumed));
+        h.drive();
+        assert_eq!(
+            h.take_events(),
+            [Event::Closed {
+                stream: sid("t1"),
+                close: Close::new(1011, "connection_failed: connection refused")
+            }]
+        );
+        assert!(
+            h.take_sent().is_empty(),
+            "never answer a close with a close"
+        );
+        assert_eq!(h.gw.stream_count(), 0);
+        // A late message for it is dropped quietly.
+        assert_eq!(h.feed(&tcp_data_json("t1", b"x")), Ok(Got::Consumed));
+    }
+
+    #[test]
+    fn tcp_service_close_delivers_queued_bytes_first() {
+        let mut h = Harness::registered(true);
+        open_tcp(&mut h, "t1").unwrap();
+        h.take_events();
+        h.auto_pop = false;
+        assert_eq!(h.feed(&tcp_data_json("t1", b"tail")), Ok(Got::Consumed));
+        assert_eq!(
+            h.feed(&tcp_close_json("t1", "service_closed", None)),
+            Ok(Got::Consumed)
+        );
+        h.drive();
+        assert_eq!(h.take_events(), [Event::DataForClient(sid("t1"))]);
+        h.pop_all("t1");
+        h.drive();
+        assert_eq!(h.received("t1"), [(MessageKind::Binary, b"tail".to_vec())]);
+        assert_eq!(
+            h.take_events(),
+            [Event::Closed {
+                stream: sid("t1"),
+                close: Close::new(1000, "service_closed")
+            }]
+        );
+    }
+
+    #[test]
+    fn tcp_backpressure_both_ways_never_drops() {
+        let mut h = Harness::registered(true);
+        open_tcp(&mut h, "t1").unwrap();
+        h.take_events();
+        h.take_sent();
+        // Toward the agent: fill the ring without transmitting.
+        let mut refused = None;
+        for i in 0..=RING {
+            let r = h.gw.handle_client_message(
+                h.now,
+                "t1",
+                MessageKind::Binary,
+                Bytes(vec![i as u8; 10]),
+            );
+            if let Err(SendError::Full(b)) = r {
+                refused = Some((i, b));
+                break;
+            }
+        }
+        let (i, payload) = refused.expect("the ring fills up");
+        assert_eq!(i, RING);
+        assert_eq!(h.gw.poll_event(), Some(Event::StopReadingClient(sid("t1"))));
+        h.drive();
+        let resumed = h.take_events();
+        assert!(resumed.contains(&Event::ResumeReadingClient(sid("t1"))));
+        h.client_send("t1", MessageKind::Binary, &payload.0)
+            .unwrap();
+        let sent: Vec<Vec<u8>> = h.take_sent().iter().map(tcp_bytes).collect();
+        assert_eq!(sent.len(), RING + 1);
+        for (n, b) in sent.iter().enumerate() {
+            assert_eq!(b, &vec![n as u8; 10]);
+        }
+        // Toward the client: a full ring pauses the tunnel, the refused message is not consumed.
+        h.auto_pop = false;
+        for i in 0..RING {
+            assert_eq!(h.feed(&tcp_data_json("t1", &[i as u8])), Ok(Got::Consumed));
+        }
+        let blocked = tcp_data_json("t1", &[RING as u8]);
+        assert_eq!(h.feed(&blocked), Err(TunnelError::Blocked));
+        h.drive();
+        assert!(h.take_events().contains(&Event::PauseTunnelReads));
+        h.pop_all("t1");
+        h.drive();
+        assert!(h.take_events().contains(&Event::ResumeTunnelReads));
+        assert_eq!(h.feed(&blocked), Ok(Got::Consumed));
+        h.pop_all("t1");
+        let got: Vec<u8> = h.received("t1").into_iter().flat_map(|(_, b)| b).collect();
+        assert_eq!(got, (0..=RING as u8).collect::<Vec<_>>());
+    }
+
+    #[test]
+    fn tcp_tunnel_lost_closes_with_an_error_and_bad_data_closes_both_sides() {
+        let mut h = Harness::registered(true);
+        open_tcp(&mut h, "t1").unwrap();
+        open_tcp(&mut h, "t2").unwrap();
+        h.take_events();
+        h.take_sent();
+        let bad = r#"{"type":"tcp_tunnel_data","request_id":"t2","payload":{"data":"!!"}}"#;
+        assert!(h.feed(bad).is_err());
+        h.drive();
+        let sent = h.take_sent();
+        assert!(
+            sent.iter().any(
+                |s| s.kind == "tcp_tunnel_close" && s.reason.as_deref() == Some("client_error")
+            )
+        );
+        assert!(h.take_events().contains(&Event::Closed {
+            stream: sid("t2"),
+            close: Close::new(1002, "invalid tcp_tunnel_data")
+        }));
+        h.gw.handle_tunnel_lost(h.now, "agent gone");
+        h.drive();
+        assert_eq!(
+            h.take_events(),
+            [Event::Closed {
+                stream: sid("t1"),
+                close: Close::new(1011, "agent gone")
+            }]
+        );
+        assert_eq!(h.gw.stream_count(), 0);
     }
 }

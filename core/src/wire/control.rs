@@ -329,6 +329,34 @@ pub enum ControlMessage<'a> {
         /// Message.
         error: WireStr<'a>,
     },
+    /// `tcp_tunnel_start` `{tunnel_id, service_name?, service_port, client_addr?}`: the agent dials
+    /// `service_name:service_port` (see [`crate::relay::TcpTunnelRequest`]).
+    TcpTunnelStart {
+        /// `tunnel_id` (also sent as the envelope's request id by the gateway).
+        tunnel_id: WireStr<'a>,
+        /// `service_name`: the host to dial (the agent dials `localhost` without one).
+        service_name: Option<WireStr<'a>>,
+        /// `service_port`: the port to dial.
+        service_port: u16,
+        /// `client_addr`: who connected on the control plane's side, for the agent's logs.
+        client_addr: Option<WireStr<'a>>,
+    },
+    /// `tcp_tunnel_data` `{tunnel_id, data}`.
+    TcpTunnelData {
+        /// `tunnel_id`.
+        tunnel_id: WireStr<'a>,
+        /// Bytes, sent base64.
+        data: &'a [u8],
+    },
+    /// `tcp_tunnel_close` `{tunnel_id, reason, error?}`.
+    TcpTunnelClose {
+        /// `tunnel_id`.
+        tunnel_id: WireStr<'a>,
+        /// `reason`.
+        reason: WireStr<'a>,
+        /// `error`, when any.
+        error: Option<WireStr<'a>>,
+    },
 }
 
 impl ControlMessage<'_> {
@@ -346,6 +374,9 @@ impl ControlMessage<'_> {
             Self::WebSocketData { .. } => "proxy_websocket_data",
             Self::WebSocketClose { .. } => "proxy_websocket_close",
             Self::Error { .. } => "error",
+            Self::TcpTunnelStart { .. } => "tcp_tunnel_start",
+            Self::TcpTunnelData { .. } => "tcp_tunnel_data",
+            Self::TcpTunnelClose { .. } => "tcp_tunnel_close",
         }
     }
 
@@ -429,6 +460,30 @@ impl ControlMessage<'_> {
                 }
             }
             Self::Error { error } => p.wire_str("error", error),
+            Self::TcpTunnelStart {
+                tunnel_id,
+                service_name,
+                service_port,
+                client_addr,
+            } => {
+                p.wire_str("tunnel_id", tunnel_id);
+                p.opt_wire_str("service_name", service_name);
+                p.u64("service_port", service_port.into());
+                p.opt_wire_str("client_addr", client_addr);
+            }
+            Self::TcpTunnelData { tunnel_id, data } => {
+                p.wire_str("tunnel_id", tunnel_id);
+                p.base64("data", &[data]);
+            }
+            Self::TcpTunnelClose {
+                tunnel_id,
+                reason,
+                error,
+            } => {
+                p.wire_str("tunnel_id", tunnel_id);
+                p.wire_str("reason", reason);
+                p.opt_wire_str("error", error);
+            }
         })
     }
 }

@@ -23,7 +23,7 @@ use std::path::{Path, PathBuf};
 use std::process::ExitCode;
 
 use clap::{Args, Parser, Subcommand, ValueEnum};
-use tether_tokio::control_plane::{ControlPlane, ControlPlaneConfig, TlsMode, kubeconfig};
+use tether_tokio::control_plane::{ControlPlane, ControlPlaneConfig, Forward, TlsMode, kubeconfig};
 use tether_tokio::token::TokenTable;
 
 #[derive(Debug, Parser)]
@@ -96,7 +96,8 @@ struct Serve {
     /// Serve plain HTTP (local use only: kubectl sends no credentials over plain HTTP).
     #[arg(long, env = "TETHER_INSECURE_HTTP", conflicts_with_all = ["tls_cert", "tls_key"])]
     insecure_http: bool,
-    /// TCP forwarding through an agent (not supported yet).
+    /// Carry TCP connections accepted on LISTEN (IP:PORT or a port on 127.0.0.1) through the
+    /// tunnel of CLUSTER to HOST:PORT on the agent's side (repeatable).
     #[arg(
         long,
         value_name = "LISTEN=CLUSTER:HOST:PORT",
@@ -227,11 +228,12 @@ fn resolve_listen(listen: &str) -> Result<(SocketAddr, Option<String>), Failure>
 }
 
 fn run_serve(serve: Serve) -> Result<(), Failure> {
-    if !serve.forward.is_empty() {
-        return Err(Failure::Config(
-            "--forward is not supported yet".to_string(),
-        ));
-    }
+    let forwards = serve
+        .forward
+        .iter()
+        .map(|spec| spec.parse::<Forward>())
+        .collect::<Result<Vec<_>, _>>()
+        .map_err(|e| Failure::Config(e.to_string()))?;
     let (listen, public_host) = resolve_listen(&serve.listen)?;
     let agents = parse_pairs("--agent-token", &serve.agent_token)?;
     let users = parse_pairs("--user-token", &serve.user_token)?;
@@ -261,6 +263,7 @@ fn run_serve(serve: Serve) -> Result<(), Failure> {
         user_tokens,
         user_token_pairs: users,
         tls,
+        forwards,
     };
     let runtime = tokio::runtime::Builder::new_multi_thread()
         .enable_all()

@@ -143,7 +143,19 @@ fn bad_configuration_is_one_line_and_non_zero() {
             "--forward",
             "1:c1:h:1",
         ]),
-        "not supported yet",
+        "LISTEN=CLUSTER:HOST:PORT",
+    );
+    one_line_failure(
+        &cli(&[
+            "serve",
+            "--listen",
+            "127.0.0.1:0",
+            "--state-dir",
+            d,
+            "--forward",
+            "127.0.0.1:0=c1:h:99999",
+        ]),
+        "PORT is not 1-65535",
     );
     one_line_failure(
         &cli(&[

@@ -90,12 +90,24 @@ pub(crate) struct OpenRequest {
     pub(crate) link: Link,
 }
 
+/// A forwarded TCP connection to carry to `host:port` on the agent's side.
+#[derive(Debug)]
+pub(crate) struct OpenTcp {
+    pub(crate) id: String,
+    pub(crate) host: String,
+    pub(crate) port: u16,
+    pub(crate) client_addr: String,
+    pub(crate) link: Link,
+}
+
 /// Client task (or server) -> tunnel task.
 #[derive(Debug)]
 pub(crate) enum Cmd {
     OpenStream(OpenStream),
     OpenRequest(OpenRequest),
-    /// A client WebSocket message; holds one `to_agent` permit (already forgotten).
+    OpenTcp(OpenTcp),
+    /// A client WebSocket message (or bytes read from a forwarded socket); holds one `to_agent`
+    /// permit (already forgotten).
     Message {
         id: String,
         message: Message<Buf>,

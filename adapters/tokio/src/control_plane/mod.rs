@@ -13,10 +13,15 @@
 //!   token: 401 `Status`.
 //! * `/healthz`: 200 `ok`. `/metrics`: Prometheus text (see [`Metrics`]).
 //!
+//! * `--forward LISTEN=CLUSTER:HOST:PORT` ([`ControlPlaneConfig::forwards`]): TCP connections
+//!   accepted on `LISTEN` are carried through the cluster's tunnel to `HOST:PORT` on the agent's
+//!   side (`tcp_tunnel_*`); see [`Forward`].
+//!
 //! Backpressure: each kubectl connection talks to its tunnel task over channels bounded by
 //! per-stream credits, on top of the gateway's rings; nothing is dropped.
 
 mod client;
+mod forward;
 pub mod kubeconfig;
 mod link;
 mod metrics;
@@ -49,6 +54,7 @@ use tokio_tungstenite::tungstenite::handshake::derive_accept_key;
 use tokio_tungstenite::tungstenite::protocol::{Role, WebSocketConfig};
 
 pub use crate::buf::Buf;
+pub use forward::{Forward, ForwardSpecError};
 pub use metrics::Metrics;
 pub use status::{status_json, status_response};
 
@@ -97,6 +103,8 @@ pub struct ControlPlaneConfig {
     pub user_token_pairs: Vec<(String, String)>,
     /// TLS mode.
     pub tls: TlsMode,
+    /// TCP forwards (`--forward`), each with its own listener.
+    pub forwards: Vec<Forward>,
 }
 
 /// Why the control plane could not start.
@@ -185,6 +193,7 @@ pub(crate) fn token_of(headers: &HeaderMap) -> Option<&str> {
 /// A bound control plane, ready to [`run`](Self::run).
 pub struct ControlPlane {
     listener: TcpListener,
+    forwards: Vec<(TcpListener, Arc<Forward>)>,
     acceptor: Option<TlsAcceptor>,
     state: Arc<State>,
     base_url: String,
@@ -262,6 +271,16 @@ impl ControlPlane {
             .map_err(|e| StartError::Io(format!("cannot write to {}", dir.display()), e))?;
         kubeconfig::write_user_tokens(dir, &config.user_token_pairs)
             .map_err(|e| StartError::Io(format!("cannot write to {}", dir.display()), e))?;
+        let mut forwards = Vec::new();
+        for fwd in &config.forwards {
+            let l = TcpListener::bind(fwd.listen).await.map_err(|e| {
+                StartError::Io(
+                    format!("cannot listen on {} for --forward {fwd}", fwd.listen),
+                    e,
+                )
+            })?;
+            forwards.push((l, Arc::new(fwd.clone())));
+        }
         if config.agent_tokens.is_empty() {
             tracing::warn!("no agent token configured: no agent can connect");
         }
@@ -270,6 +289,7 @@ impl ControlPlane {
         }
         Ok(Self {
             listener,
+            forwards,
             acceptor,
             state: Arc::new(State {
                 agent_tokens: config.agent_tokens,
@@ -291,6 +311,14 @@ impl ControlPlane {
         self.listener.local_addr()
     }
 
+    /// The bound address of each forward, in the order of [`ControlPlaneConfig::forwards`].
+    ///
+    /// # Errors
+    /// As [`TcpListener::local_addr`].
+    pub fn forward_addrs(&self) -> io::Result<Vec<SocketAddr>> {
+        self.forwards.iter().map(|(l, _)| l.local_addr()).collect()
+    }
+
     /// The base URL clients use, e.g. `https://127.0.0.1:8443`.
     #[must_use]
     pub fn base_url(&self) -> &str {
@@ -304,10 +332,18 @@ impl ControlPlane {
     /// Only if accepting fails persistently; single accept errors are logged and retried.
     pub async fn run(self, shutdown: impl Future<Output = ()>) -> io::Result<()> {
         tracing::info!(url = %self.base_url, "control plane listening");
+        let mut forwards = tokio::task::JoinSet::new();
+        for (listener, fwd) in self.forwards {
+            tracing::info!(forward = %fwd, "forwarding tcp");
+            forwards.spawn(forward::serve(listener, fwd, self.state.clone()));
+        }
         let mut shutdown = std::pin::pin!(shutdown);
         loop {
             let (tcp, peer) = tokio::select! {
-                () = &mut shutdown => return Ok(()),
+                () = &mut shutdown => {
+                    forwards.abort_all();
+                    return Ok(());
+                }
                 accepted = self.listener.accept() => match accepted {
                     Ok(pair) => pair,
                     Err(e) => {

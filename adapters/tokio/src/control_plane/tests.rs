@@ -38,6 +38,7 @@ fn config(dir: &std::path::Path, tls: TlsMode) -> ControlPlaneConfig {
         user_tokens,
         user_token_pairs: vec![("alice".into(), USER_TOKEN.into())],
         tls,
+        forwards: Vec::new(),
     }
 }
 
@@ -701,4 +702,219 @@ async fn no_loss_and_no_reordering_under_backpressure_both_ways() {
         .parse()
         .unwrap();
     assert!(pauses > 0, "{metrics}");
+}
+
+// -------------------------------------------------------------------------------------------------
+// --forward
+
+/// Starts a plain-HTTP control plane with `forwards`; returns its address and the forwards'.
+async fn start_forwarding(
+    dir: &std::path::Path,
+    forwards: &[&str],
+) -> (
+    SocketAddr,
+    Vec<SocketAddr>,
+    tokio::sync::oneshot::Sender<()>,
+) {
+    let mut config = config(dir, TlsMode::InsecureHttp);
+    config.forwards = forwards.iter().map(|f| f.parse().unwrap()).collect();
+    let cp = ControlPlane::bind(config).await.unwrap();
+    let addr = cp.local_addr().unwrap();
+    let fwd = cp.forward_addrs().unwrap();
+    let (stop, stopped) = tokio::sync::oneshot::channel::<()>();
+    tokio::spawn(cp.run(async move {
+        let _ = stopped.await;
+    }));
+    (addr, fwd, stop)
+}
+
+/// What the scripted agent saw of one tunnel.
+#[derive(Debug, Default)]
+struct TcpSeen {
+    start: Option<Value>,
+    received: usize,
+    close: Option<Value>,
+}
+
+/// A scripted agent that answers `tcp_tunnel_start` by echoing every byte back, or (for target
+/// port 1) with `tcp_tunnel_close {reason: "connection_failed"}`. Returns what it saw once a
+/// `tcp_tunnel_close` came from the control plane (or after a refused dial).
+async fn echo_agent(ws: &mut Ws) -> TcpSeen {
+    let mut seen = TcpSeen::default();
+    loop {
+        let m = recv_json(ws).await;
+        let id = m["request_id"].as_str().unwrap().to_string();
+        match m["type"].as_str().unwrap() {
+            "tcp_tunnel_start" => {
+                let refuse = m["payload"]["service_port"] == 1;
+                seen.start = Some(m);
+                if refuse {
+                    let close = json!({"type": "tcp_tunnel_close", "request_id": id, "payload": {"reason": "connection_failed", "error": "dial tcp 127.0.0.1:1: connection refused", "duration_ms": 1}});
+                    agent_send(ws, close).await;
+                    return seen;
+                }
+            }
+            "tcp_tunnel_data" => {
+                assert_eq!(m["payload"]["tunnel_id"], id.as_str());
+                let bytes = unb64(&m["payload"]["data"]);
+                seen.received += bytes.len();
+                let back = json!({"type": "tcp_tunnel_data", "request_id": id, "payload": {"data": b64(&bytes), "direction": "agent_to_gateway"}});
+                agent_send(ws, back).await;
+            }
+            "tcp_tunnel_close" => {
+                seen.close = Some(m);
+                return seen;
+            }
+            other => panic!("unexpected {other}"),
+        }
+    }
+}
+
+#[test]
+fn forward_specs_parse_or_fail_with_one_line() {
+    let f: Forward = "127.0.0.1:9000=prod:db.default:5432".parse().unwrap();
+    assert_eq!(f.listen, "127.0.0.1:9000".parse::<SocketAddr>().unwrap());
+    assert_eq!(
+        (f.cluster.as_str(), f.host.as_str(), f.port),
+        ("prod", "db.default", 5432)
+    );
+    let f: Forward = "9000=prod:[::1]:80".parse().unwrap();
+    assert_eq!(f.listen, "127.0.0.1:9000".parse::<SocketAddr>().unwrap());
+    assert_eq!(f.host, "[::1]");
+    for bad in [
+        "",
+        "127.0.0.1:9000",
+        "nope=prod:db:5432",
+        "9000=prod",
+        "9000=prod:db",
+        "9000=prod:db:0",
+        "9000=prod:db:http",
+        "9000=pr/od:db:80",
+        "9000=prod::80",
+        "9000=prod:d b:80",
+    ] {
+        let e = bad.parse::<Forward>().unwrap_err().to_string();
+        assert!(
+            e.starts_with("--forward ") && !e.contains('\n'),
+            "{bad}: {e}"
+        );
+    }
+}
+
+#[tokio::test]
+async fn forward_carries_tcp_through_a_scripted_agent_losslessly() {
+    let dir = tempfile::tempdir().unwrap();
+    let (addr, fwd, _stop) = start_forwarding(dir.path(), &["127.0.0.1:0=c1:echo.local:7"]).await;
+    let mut agent = agent(addr).await;
+    let agent_task = tokio::spawn(async move {
+        let seen = echo_agent(&mut agent).await;
+        (seen, agent)
+    });
+
+    // 2 MiB with a pattern, written while reading the echo back.
+    let data: Vec<u8> = (0..2 * 1024 * 1024u32).map(|i| (i % 251) as u8).collect();
+    let s = TcpStream::connect(fwd[0]).await.unwrap();
+    let (mut r, mut w) = s.into_split();
+    let to_send = data.clone();
+    let writer = tokio::spawn(async move {
+        for chunk in to_send.chunks(50_000) {
+            w.write_all(chunk).await.unwrap();
+        }
+        w
+    });
+    let mut back = vec![0u8; data.len()];
+    tokio::time::timeout(Duration::from_secs(30), r.read_exact(&mut back))
+        .await
+        .expect("echo timed out")
+        .unwrap();
+    assert!(back == data, "bytes lost or reordered");
+    // EOF: the agent gets tcp_tunnel_close {reason: client_closed}.
+    let w = writer.await.unwrap();
+    drop(w);
+    drop(r);
+    let (seen, _agent) = tokio::time::timeout(Duration::from_secs(10), agent_task)
+        .await
+        .unwrap()
+        .unwrap();
+    let start = seen.start.unwrap();
+    let p = &start["payload"];
+    assert_eq!(p["service_name"], "echo.local");
+    assert_eq!(p["service_port"], 7);
+    assert_eq!(p["tunnel_id"], start["request_id"]);
+    assert!(p["client_addr"].as_str().unwrap().starts_with("127.0.0.1:"));
+    assert_eq!(seen.received, data.len());
+    let close = seen.close.unwrap();
+    assert_eq!(close["payload"]["reason"], "client_closed");
+}
+
+#[tokio::test]
+async fn forward_dial_failure_and_missing_tunnel_close_the_connection() {
+    let dir = tempfile::tempdir().unwrap();
+    let (addr, fwd, _stop) = start_forwarding(
+        dir.path(),
+        &["127.0.0.1:0=c1:127.0.0.1:1", "127.0.0.1:0=other:db:5432"],
+    )
+    .await;
+    // No tunnel for cluster "other": closed at once.
+    let mut s = TcpStream::connect(fwd[1]).await.unwrap();
+    let mut buf = [0u8; 16];
+    let n = tokio::time::timeout(Duration::from_secs(5), s.read(&mut buf))
+        .await
+        .expect("not closed at once");
+    assert!(matches!(n, Ok(0) | Err(_)), "{n:?}");
+    // No tunnel for c1 yet either.
+    let mut s = TcpStream::connect(fwd[0]).await.unwrap();
+    let n = tokio::time::timeout(Duration::from_secs(5), s.read(&mut buf))
+        .await
+        .expect("not closed at once");
+    assert!(matches!(n, Ok(0) | Err(_)), "{n:?}");
+
+    // The agent cannot dial: the accepted connection is closed.
+    let mut agent = agent(addr).await;
+    let agent_task = tokio::spawn(async move { echo_agent(&mut agent).await });
+    let mut s = TcpStream::connect(fwd[0]).await.unwrap();
+    let n = tokio::time::timeout(Duration::from_secs(5), s.read(&mut buf))
+        .await
+        .expect("not closed after the failed dial");
+    assert!(matches!(n, Ok(0) | Err(_)), "{n:?}");
+    let seen = agent_task.await.unwrap();
+    assert_eq!(seen.start.unwrap()["payload"]["service_port"], 1);
+}
+
+/// A client that writes a lot and then closes while the agent is not reading: every byte read
+/// before the EOF still reaches the agent, then `tcp_tunnel_close`.
+#[tokio::test]
+async fn forward_eof_after_backpressure_loses_nothing() {
+    let dir = tempfile::tempdir().unwrap();
+    let (addr, fwd, _stop) = start_forwarding(dir.path(), &["127.0.0.1:0=c1:sink.local:9"]).await;
+    let mut agent = agent(addr).await;
+    let data: Vec<u8> = (0..6 * 1024 * 1024u32).map(|i| (i % 253) as u8).collect();
+    let to_send = data.clone();
+    let client = tokio::spawn(async move {
+        let mut s = TcpStream::connect(fwd[0]).await.unwrap();
+        s.write_all(&to_send).await.unwrap();
+        s.shutdown().await.unwrap();
+        // Keep the socket until the control plane closes it.
+        let mut rest = Vec::new();
+        let _ = s.read_to_end(&mut rest).await;
+    });
+    let start = recv_json(&mut agent).await;
+    assert_eq!(start["type"], "tcp_tunnel_start");
+    // Let the client fill every buffer on the way while the agent does not read.
+    tokio::time::sleep(Duration::from_millis(1500)).await;
+    let mut got = Vec::with_capacity(data.len());
+    loop {
+        let m = recv_json(&mut agent).await;
+        match m["type"].as_str().unwrap() {
+            "tcp_tunnel_data" => got.extend_from_slice(&unb64(&m["payload"]["data"])),
+            "tcp_tunnel_close" => {
+                assert_eq!(m["payload"]["reason"], "client_closed");
+                break;
+            }
+            other => panic!("unexpected {other}"),
+        }
+    }
+    assert_eq!(got.len(), data.len(), "bytes lost before the close");
+    assert!(got == data, "bytes reordered");
+    let _ = tokio::time::timeout(Duration::from_secs(5), client).await;
 }

@@ -10,7 +10,8 @@ use std::time::{Duration, SystemTime, UNIX_EPOCH};
 use futures_util::{SinkExt as _, StreamExt as _};
 use http::{HeaderName, HeaderValue};
 use tether_core::gateway::{
-    Config, Event, Gateway, Handled, HttpRequest, OpenError, Stats, StreamRequest, TunnelError,
+    Config, Event, Gateway, Handled, HttpRequest, OpenError, Stats, StreamRequest, TcpOpen,
+    TunnelError,
 };
 use tether_core::relay::{Message, SendError, TransmitError};
 use tether_core::time::Instant as CoreInstant;
@@ -23,7 +24,7 @@ use tokio_tungstenite::tungstenite::protocol::CloseFrame;
 use tokio_tungstenite::tungstenite::protocol::frame::coding::CloseCode;
 
 use super::State;
-use super::link::{CLIENT_WINDOW, Cmd, Link, OpenRequest, OpenStream, ToClient};
+use super::link::{CLIENT_WINDOW, Cmd, Link, OpenRequest, OpenStream, OpenTcp, ToClient};
 use crate::buf::Buf;
 
 /// Streams and requests one tunnel carries at once.
@@ -53,7 +54,7 @@ fn open_error_status(e: &OpenError) -> u16 {
     match e {
         OpenError::NotRegistered => 502,
         OpenError::TooManyStreams => 503,
-        OpenError::Request(_) | OpenError::Method => 400,
+        OpenError::Request(_) | OpenError::Method | OpenError::TcpTarget => 400,
         OpenError::TooLarge { .. } | OpenError::PayloadRefused { .. } => 413,
         OpenError::DuplicateStream | OpenError::StreamId(_) | OpenError::Encode(_) => 500,
     }
@@ -65,6 +66,9 @@ struct LinkState {
     stash: VecDeque<Message<Buf>>,
     /// The gateway has data for this client but its window was full.
     wants_pop: bool,
+    /// The client ended (with this close) while messages were still stashed: the close is handed
+    /// to the gateway once the stash drained, so nothing read before it is lost.
+    closing: Option<Option<tether_core::relay::Close>>,
 }
 
 struct Tunnel {
@@ -446,6 +450,10 @@ impl Tunnel {
                 Err(_) => l.link.shared.to_agent.add_permits(1),
             }
         }
+        if let Some(close) = l.closing.take() {
+            self.links.remove(id);
+            let _ = self.gw.handle_client_closed(now, id, close);
+        }
     }
 
     fn handle_frame(&mut self, frame: Vec<u8>) {
@@ -512,6 +520,7 @@ impl Tunnel {
         match cmd {
             Cmd::OpenStream(open) => self.open_stream(open),
             Cmd::OpenRequest(open) => self.open_request(open),
+            Cmd::OpenTcp(open) => self.open_tcp(open),
             Cmd::Message { id, message } => {
                 let Some(l) = self.links.get_mut(&id) else {
                     return;
@@ -541,6 +550,12 @@ impl Tunnel {
                 }
             }
             Cmd::ClientClosed { id, close } => {
+                if let Some(l) = self.links.get_mut(&id)
+                    && !l.stash.is_empty()
+                {
+                    l.closing = Some(close);
+                    return;
+                }
                 self.links.remove(&id);
                 let _ = self.gw.handle_client_closed(now, &id, close);
             }
@@ -582,11 +597,43 @@ impl Tunnel {
                         link: open.link,
                         stash: VecDeque::new(),
                         wants_pop: false,
+                        closing: None,
                     },
                 );
             }
             Err(e) => {
                 tracing::warn!(cluster = %self.cluster, stream = %open.id, error = %e, "stream refused");
+                let _ = open.link.tx.send(ToClient::Failed {
+                    status: open_error_status(&e),
+                    message: e.to_string(),
+                });
+            }
+        }
+    }
+
+    fn open_tcp(&mut self, open: OpenTcp) {
+        let now = self.now();
+        let req = TcpOpen {
+            id: &open.id,
+            host: &open.host,
+            port: open.port,
+            client_addr: Some(&open.client_addr),
+        };
+        match self.gw.open_tcp(now, Self::unix(), &req, &mut self.scratch) {
+            Ok(()) => {
+                tracing::info!(cluster = %self.cluster, tunnel = %open.id, client = %open.client_addr, target = %format!("{}:{}", open.host, open.port), "tcp forward opened");
+                self.links.insert(
+                    open.id,
+                    LinkState {
+                        link: open.link,
+                        stash: VecDeque::new(),
+                        wants_pop: false,
+                        closing: None,
+                    },
+                );
+            }
+            Err(e) => {
+                tracing::warn!(cluster = %self.cluster, tunnel = %open.id, error = %e, "tcp forward refused");
                 let _ = open.link.tx.send(ToClient::Failed {
                     status: open_error_status(&e),
                     message: e.to_string(),
@@ -630,6 +677,7 @@ impl Tunnel {
                         link: open.link,
                         stash: VecDeque::new(),
                         wants_pop: false,
+                        closing: None,
                     },
                 );
             }

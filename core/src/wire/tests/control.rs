@@ -360,3 +360,108 @@ fn every_control_message_decodes_on_the_agent() {
         Ok((_, Inbound::Error { error: Some(e) })) if e == "cluster not found"
     ));
 }
+
+fn control_golden(msg: &ControlMessage<'_>, id: &str, payload: &str) {
+    let mut buf = [0u8; 1024];
+    let n = msg.encode(Some(WireStr::Plain(id)), TS, &mut buf).unwrap();
+    let want = std::format!(
+        r#"{{"type":"{}","request_id":"{id}","payload":{payload},"timestamp":"2026-02-18T10:10:59.123456789Z"}}"#,
+        msg.type_name()
+    );
+    assert_eq!(core::str::from_utf8(&buf[..n]).unwrap(), want);
+}
+
+#[test]
+fn golden_tcp_tunnel_control_messages() {
+    control_golden(
+        &ControlMessage::TcpTunnelStart {
+            tunnel_id: "t1".into(),
+            service_name: Some("db.local".into()),
+            service_port: 5432,
+            client_addr: Some("127.0.0.1:50000".into()),
+        },
+        "t1",
+        r#"{"tunnel_id":"t1","service_name":"db.local","service_port":5432,"client_addr":"127.0.0.1:50000"}"#,
+    );
+    control_golden(
+        &ControlMessage::TcpTunnelStart {
+            tunnel_id: "t2".into(),
+            service_name: None,
+            service_port: 80,
+            client_addr: None,
+        },
+        "t2",
+        r#"{"tunnel_id":"t2","service_port":80}"#,
+    );
+    control_golden(
+        &ControlMessage::TcpTunnelData {
+            tunnel_id: "t1".into(),
+            data: b"hello",
+        },
+        "t1",
+        r#"{"tunnel_id":"t1","data":"aGVsbG8="}"#,
+    );
+    control_golden(
+        &ControlMessage::TcpTunnelClose {
+            tunnel_id: "t1".into(),
+            reason: "client_closed".into(),
+            error: None,
+        },
+        "t1",
+        r#"{"tunnel_id":"t1","reason":"client_closed"}"#,
+    );
+    control_golden(
+        &ControlMessage::TcpTunnelClose {
+            tunnel_id: "t1".into(),
+            reason: "client_error".into(),
+            error: Some("reset by peer".into()),
+        },
+        "t1",
+        r#"{"tunnel_id":"t1","reason":"client_error","error":"reset by peer"}"#,
+    );
+}
+
+#[test]
+fn tcp_tunnel_control_messages_decode_on_the_agent() {
+    let mut buf = [0u8; 1024];
+    let mut out = [0u8; 64];
+    let Inbound::TcpTunnelStart(s) = control(
+        &ControlMessage::TcpTunnelStart {
+            tunnel_id: "t1".into(),
+            service_name: Some("db".into()),
+            service_port: 5432,
+            client_addr: Some("10.0.0.1:1".into()),
+        },
+        "t1",
+        &mut buf,
+    ) else {
+        panic!()
+    };
+    assert!(s.tunnel_id.unwrap() == "t1" && s.service_name.unwrap() == "db");
+    assert_eq!(s.service_port, Some(5432));
+    assert!(s.client_addr.unwrap() == "10.0.0.1:1");
+    let Inbound::TcpTunnelData { tunnel_id, data } = control(
+        &ControlMessage::TcpTunnelData {
+            tunnel_id: "t1".into(),
+            data: b"\x00\xffxy",
+        },
+        "t1",
+        &mut buf,
+    ) else {
+        panic!()
+    };
+    assert!(tunnel_id.unwrap() == "t1");
+    assert_eq!(data.decode_into(&mut out).unwrap(), b"\x00\xffxy");
+    let Inbound::TcpTunnelClose { tunnel_id, reason } = control(
+        &ControlMessage::TcpTunnelClose {
+            tunnel_id: "t1".into(),
+            reason: "client_closed".into(),
+            error: None,
+        },
+        "t1",
+        &mut buf,
+    ) else {
+        panic!()
+    };
+    assert!(tunnel_id.unwrap() == "t1" && reason.unwrap() == "client_closed");
+}
