@@ -10,7 +10,10 @@
 //!   thumbv7em-none-eabihf with Debian's rustc-web and `-Zbuild-std=core`; prints flash and RAM.
 //! * `demo`  — builds and starts kubesim, the control plane and the agent on loopback and prints
 //!   the kubectl line to paste; Ctrl-C stops everything.
+//! * `bench` — release build, tether-core criterion benches, then end-to-end bulk and latency
+//!   through the tunnel (compat) beside the direct path; table in `target/bench/results.md`.
 
+mod bench;
 mod cross;
 mod demo;
 mod nostd;
@@ -19,14 +22,17 @@ mod step;
 
 use std::process::ExitCode;
 
-const USAGE: &str = "usage: cargo xtask <ci | nostd | smoke | cross | demo>
+const USAGE: &str = "usage: cargo xtask <ci | nostd | smoke | cross | demo | bench>
 
   ci     fmt, clippy, tests, nostd, smoke, cross (stops at the first failure;
          --skip-cross skips the thumbv7em build, loudly)
   nostd  build every no_std crate against a core-only sysroot
   smoke  build and run the no_std smoke binary
   cross  build core, embassy adapter and gateway firmware for thumbv7em-none-eabihf
-  demo   run kubesim, control plane and agent on loopback; prints the kubectl line";
+  demo   run kubesim, control plane and agent on loopback; prints the kubectl line
+  bench  release build; core criterion benches; bulk and latency through the tunnel
+         beside the direct path (--skip-core, --mib N, --round-trips N);
+         results in target/bench/results.md and results.json";
 
 fn main() -> ExitCode {
     let args: Vec<String> = std::env::args().skip(1).collect();
@@ -36,6 +42,7 @@ fn main() -> ExitCode {
         Some("smoke") => step::run_all(&[smoke::step()]),
         Some("cross") => step::run_all(&[cross::step()]),
         Some("demo") => step::run_all(&[step::Step::new("demo", demo::run)]),
+        Some("bench") => step::run_all(&bench::steps(&args[1..])),
         Some("-h" | "--help") => {
             println!("{USAGE}");
             return ExitCode::SUCCESS;

@@ -463,6 +463,21 @@ impl Cluster {
         &self.kube_token
     }
 
+    /// kubesim's CA certificate (PEM).
+    pub fn kubesim_ca_pem(&self) -> &str {
+        &self.kubesim_tls.ca_pem
+    }
+
+    /// The control plane's CA certificate (PEM), as in its kubeconfig.
+    pub fn control_plane_ca_pem(&self) -> &str {
+        &self.cp_ca_pem
+    }
+
+    /// The kubectl user's bearer token for the control plane.
+    pub fn user_token(&self) -> &str {
+        &self.user_token
+    }
+
     /// The kubeconfig's server URL (`https://127.0.0.1:PORT/clusters/c1`).
     pub fn server_url(&self) -> &str {
         &self.server_url
