@@ -146,7 +146,7 @@ impl<M: PayloadBuf, const STREAMS: usize, const RING: usize> Relay<M, STREAMS, R
     /// Registers the tunnel of a `tcp_tunnel_start` that
     /// [`handle_tunnel_message`](Self::handle_tunnel_message) returned as
     /// [`Handled::Other`]; call before handing in the next tunnel message. See the
-    /// [module docs](self).
+    /// [relay docs](super#raw-tcp-tunnels).
     ///
     /// # Errors
     /// The start is refused and answered: an invalid or missing tunnel id, or a duplicate of a live
