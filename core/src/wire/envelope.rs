@@ -152,7 +152,7 @@ fn present(v: Option<JsonValue<'_>>) -> Option<JsonValue<'_>> {
 }
 
 /// An optional string.
-pub fn opt_str<'a>(
+pub(crate) fn opt_str<'a>(
     v: Option<JsonValue<'a>>,
     name: &'static str,
 ) -> Result<Option<JsonStr<'a>>, DecodeError> {
@@ -164,7 +164,7 @@ pub fn opt_str<'a>(
 }
 
 /// A required string.
-pub fn req_str<'a>(
+pub(crate) fn req_str<'a>(
     v: Option<JsonValue<'a>>,
     name: &'static str,
 ) -> Result<JsonStr<'a>, DecodeError> {
@@ -172,7 +172,7 @@ pub fn req_str<'a>(
 }
 
 /// An optional object.
-pub fn opt_object<'a>(
+pub(crate) fn opt_object<'a>(
     v: Option<JsonValue<'a>>,
     name: &'static str,
 ) -> Result<Option<JsonObject<'a>>, DecodeError> {
@@ -184,7 +184,7 @@ pub fn opt_object<'a>(
 }
 
 /// An optional boolean flag (`false` when absent).
-pub fn opt_bool(v: Option<JsonValue<'_>>, name: &'static str) -> Result<bool, DecodeError> {
+pub(crate) fn opt_bool(v: Option<JsonValue<'_>>, name: &'static str) -> Result<bool, DecodeError> {
     match present(v) {
         None => Ok(false),
         Some(JsonValue::Bool(b)) => Ok(b),
@@ -193,7 +193,7 @@ pub fn opt_bool(v: Option<JsonValue<'_>>, name: &'static str) -> Result<bool, De
 }
 
 /// An optional number.
-pub fn opt_number<'a>(
+pub(crate) fn opt_number<'a>(
     v: Option<JsonValue<'a>>,
     name: &'static str,
 ) -> Result<Option<JsonNumber<'a>>, DecodeError> {
@@ -205,14 +205,14 @@ pub fn opt_number<'a>(
 }
 
 /// An optional non-negative integer ([`DecodeError::InvalidValue`] if fractional or negative).
-pub fn opt_u64(v: Option<JsonValue<'_>>, name: &'static str) -> Result<Option<u64>, DecodeError> {
+pub(crate) fn opt_u64(v: Option<JsonValue<'_>>, name: &'static str) -> Result<Option<u64>, DecodeError> {
     opt_number(v, name)?
         .map(|n| n.as_u64().ok_or(DecodeError::InvalidValue(name)))
         .transpose()
 }
 
 /// An optional `u16` (ports, status and close codes).
-pub fn opt_u16(v: Option<JsonValue<'_>>, name: &'static str) -> Result<Option<u16>, DecodeError> {
+pub(crate) fn opt_u16(v: Option<JsonValue<'_>>, name: &'static str) -> Result<Option<u16>, DecodeError> {
     opt_u64(v, name)?
         .map(|n| u16::try_from(n).map_err(|_| DecodeError::InvalidValue(name)))
         .transpose()
