@@ -205,14 +205,20 @@ pub(crate) fn opt_number<'a>(
 }
 
 /// An optional non-negative integer ([`DecodeError::InvalidValue`] if fractional or negative).
-pub(crate) fn opt_u64(v: Option<JsonValue<'_>>, name: &'static str) -> Result<Option<u64>, DecodeError> {
+pub(crate) fn opt_u64(
+    v: Option<JsonValue<'_>>,
+    name: &'static str,
+) -> Result<Option<u64>, DecodeError> {
     opt_number(v, name)?
         .map(|n| n.as_u64().ok_or(DecodeError::InvalidValue(name)))
         .transpose()
 }
 
 /// An optional `u16` (ports, status and close codes).
-pub(crate) fn opt_u16(v: Option<JsonValue<'_>>, name: &'static str) -> Result<Option<u16>, DecodeError> {
+pub(crate) fn opt_u16(
+    v: Option<JsonValue<'_>>,
+    name: &'static str,
+) -> Result<Option<u16>, DecodeError> {
     opt_u64(v, name)?
         .map(|n| u16::try_from(n).map_err(|_| DecodeError::InvalidValue(name)))
         .transpose()
