@@ -46,7 +46,7 @@ use hyper::body::Incoming;
 use hyper::server::conn::http1;
 use hyper::service::service_fn;
 use hyper_util::rt::{TokioIo, TokioTimer};
-use tokio::net::TcpListener;
+use tokio::net::{TcpListener, TcpSocket};
 use tokio::sync::mpsc;
 use tokio_rustls::TlsAcceptor;
 use tokio_tungstenite::WebSocketStream;
@@ -253,10 +253,18 @@ impl ControlPlane {
             }
         }
         .map(|c| TlsAcceptor::from(Arc::new(c)));
-        let listener = TcpListener::bind(config.listen)
-            .await
-            .map_err(|e| StartError::Io(format!("cannot listen on {}", config.listen), e))?;
-        let port = listener
+        // Bound but not yet listening: connections are refused until the state files below
+        // exist, so whoever sees the port open can run `kubeconfig` at once.
+        let cannot_listen = |e| StartError::Io(format!("cannot listen on {}", config.listen), e);
+        let socket = if config.listen.is_ipv4() {
+            TcpSocket::new_v4()
+        } else {
+            TcpSocket::new_v6()
+        }
+        .map_err(cannot_listen)?;
+        socket.set_reuseaddr(true).map_err(cannot_listen)?;
+        socket.bind(config.listen).map_err(cannot_listen)?;
+        let port = socket
             .local_addr()
             .map_err(|e| StartError::Io("cannot read the listen address".into(), e))?
             .port();
@@ -271,6 +279,7 @@ impl ControlPlane {
             .map_err(|e| StartError::Io(format!("cannot write to {}", dir.display()), e))?;
         kubeconfig::write_user_tokens(dir, &config.user_token_pairs)
             .map_err(|e| StartError::Io(format!("cannot write to {}", dir.display()), e))?;
+        let listener = socket.listen(1024).map_err(cannot_listen)?;
         let mut forwards = Vec::new();
         for fwd in &config.forwards {
             let l = TcpListener::bind(fwd.listen).await.map_err(|e| {
