@@ -11,7 +11,10 @@
 //!   [`handle_upstream_message`](Relay::handle_upstream_message) for every upstream data message;
 //!   [`handle_upstream_closed`](Relay::handle_upstream_closed) when an upstream socket is gone;
 //!   [`handle_timeout`](Relay::handle_timeout) when [`poll_timeout`](Relay::poll_timeout) passes;
-//!   [`handle_tunnel_lost`](Relay::handle_tunnel_lost) when the tunnel connection is gone.
+//!   [`handle_tunnel_lost`](Relay::handle_tunnel_lost) when the tunnel connection is gone;
+//!   [`start_stream`](Relay::start_stream) / [`close_stream`](Relay::close_stream) to start or
+//!   close a stream the way `proxy_websocket_start` / `proxy_websocket_close` would, for WebSocket
+//!   upgrades that arrived as `proxy_request` (see the `request` module).
 //! * **Outputs**, polled after every input until they return `None`:
 //!   [`poll_transmit`](Relay::poll_transmit) (tunnel messages), [`poll_event`](Relay::poll_event)
 //!   (what the adapter must do), [`pop_upstream`](Relay::pop_upstream) (messages for an upstream
@@ -467,6 +470,58 @@ impl<M: PayloadBuf, const STREAMS: usize, const RING: usize> Relay<M, STREAMS, R
             Ok(id) => id,
             Err(e) => return Err(self.reject(env.request_id, false, e.into())),
         };
+        let request = StartFields {
+            path: start.path,
+            query: start.query,
+            headers: start.headers,
+            protocol: start.protocol,
+        };
+        self.open_stream(now, id, request).map(Handled::Start)
+    }
+
+    /// Starts stream `stream` without a tunnel message, exactly as a `proxy_websocket_start` with
+    /// these fields would: `path`, `query` (raw, without `?`; empty for none), `headers` and the
+    /// offered subprotocols `protocol` are validated, the stream is registered `Opening`, and the
+    /// request to dial is returned (as [`Handled::Start`] would carry it). For upgrades that
+    /// arrived as `proxy_request`, e.g. from [`RequestStart`](crate::request::RequestStart)'s
+    /// fields.
+    ///
+    /// # Errors
+    /// [`TunnelError::Blocked`] when the reply queue is full (nothing changed; drain
+    /// [`poll_transmit`](Self::poll_transmit)). Otherwise, as for a tunnel start, a refusal
+    /// ([`TunnelError::Request`] for an invalid path, query, header or subprotocol,
+    /// [`TunnelError::DuplicateStream`], [`TunnelError::TooManyStreams`]) queues a `proxy_error`
+    /// naming the stream and changes nothing else: a live stream with the same id is untouched.
+    pub fn start_stream<'a>(
+        &mut self,
+        now: Instant,
+        stream: &StreamId,
+        path: JsonStr<'a>,
+        query: JsonStr<'a>,
+        headers: Headers<'a>,
+        protocol: Option<JsonStr<'a>>,
+    ) -> Result<StartRequest<'a>, TunnelError> {
+        // A refusal needs a reply slot; refuse up front rather than lose a reply.
+        if self.replies.is_full() {
+            return Err(self.block(Blocker::Replies));
+        }
+        let request = StartFields {
+            path: Some(path),
+            query: (!query.is_empty()).then_some(query),
+            headers,
+            protocol,
+        };
+        self.open_stream(now, stream.clone(), request)
+    }
+
+    /// Validates a start and registers its stream `Opening`: shared by `proxy_websocket_start` and
+    /// [`start_stream`](Self::start_stream). A reply slot was reserved by the caller.
+    fn open_stream<'a>(
+        &mut self,
+        now: Instant,
+        id: StreamId,
+        start: StartFields<'a>,
+    ) -> Result<StartRequest<'a>, TunnelError> {
         let path = match check_start(&start) {
             Ok(path) => path,
             Err(e) => return Err(self.reject_stream(&id, e)),
@@ -484,13 +539,13 @@ impl<M: PayloadBuf, const STREAMS: usize, const RING: usize> Relay<M, STREAMS, R
         self.stats.streams_opened += 1;
         self.recently_closed.retain(|old| *old != id);
         info!("stream {}: start {}", id, path);
-        Ok(Handled::Start(StartRequest {
+        Ok(StartRequest {
             stream: id,
             path,
             query: start.query.unwrap_or(JsonStr::EMPTY),
             headers: start.headers,
             protocol: start.protocol,
-        }))
+        })
     }
 
     fn on_data<'a>(
@@ -580,19 +635,47 @@ impl<M: PayloadBuf, const STREAMS: usize, const RING: usize> Relay<M, STREAMS, R
         let Some(slot) = self.lookup_ws(close.stream_id) else {
             return self.unknown_stream(close.stream_id);
         };
-        let reason: String<MAX_CLOSE_REASON> = close
+        let reason = close
             .reason
             .map(|r| truncated(r.chars()))
             .unwrap_or_default();
-        self.close_from_tunnel(
-            now,
-            slot,
-            Close {
-                code: close.code.unwrap_or(1000),
-                reason,
-            },
-        );
+        let close = Close {
+            code: close.code.unwrap_or(1000),
+            reason,
+        };
+        self.close_requested(now, slot, Some(close));
         Ok(Handled::Consumed)
+    }
+
+    /// Closes stream `stream` without a tunnel message, exactly as a `proxy_websocket_close` with
+    /// `close` (code and reason; `None` for 1000 without a reason) would: the upstream gets every
+    /// message already queued for it, then [`Event::CloseUpstream`]; the control plane is sent
+    /// `proxy_websocket_close` once the upstream reports closed. A stream already closing is left
+    /// as it is. For upgrades that arrived as `proxy_request` and were cancelled.
+    ///
+    /// # Errors
+    /// [`TunnelError::UnknownStream`] (with a `proxy_error` queued) when no WebSocket stream has
+    /// that id, unless it closed recently (then `Ok`, counted in [`Stats::late_messages`]). A
+    /// close never blocks: with the reply queue full that `proxy_error` is dropped (logged).
+    pub fn close_stream(
+        &mut self,
+        now: Instant,
+        stream: &str,
+        close: Option<Close>,
+    ) -> Result<(), TunnelError> {
+        let Some(slot) = self.find_ws(stream) else {
+            let late = self.recently_closed.iter().any(|old| *old == *stream);
+            return self.unknown(late, truncated(stream.chars())).map(|_| ());
+        };
+        self.close_requested(now, slot, close);
+        Ok(())
+    }
+
+    /// A close asked for by the control plane (or on its behalf): shared by
+    /// `proxy_websocket_close` and [`close_stream`](Self::close_stream).
+    fn close_requested(&mut self, now: Instant, slot: Slot, close: Option<Close>) {
+        let close = close.unwrap_or_else(|| Close::new(1000, ""));
+        self.close_from_tunnel(now, slot, close);
     }
 
     fn on_unknown_type(&mut self, env: &Envelope<'_>, type_name: JsonStr<'_>) -> TunnelError {
@@ -617,12 +700,21 @@ impl<M: PayloadBuf, const STREAMS: usize, const RING: usize> Relay<M, STREAMS, R
     /// A message for a stream that is not live: dropped quietly if the stream closed recently (a
     /// normal race), rejected otherwise.
     fn unknown_stream<'a>(&mut self, id: JsonStr<'_>) -> Result<Handled<'a>, TunnelError> {
-        if self.recently_closed.iter().any(|old| id == *old.as_str()) {
+        let late = self.recently_closed.iter().any(|old| id == *old.as_str());
+        self.unknown(late, truncated(id.chars()))
+    }
+
+    fn unknown<'a>(
+        &mut self,
+        late: bool,
+        id: String<MAX_REPLY_ID>,
+    ) -> Result<Handled<'a>, TunnelError> {
+        if late {
             self.stats.late_messages += 1;
-            debug!("stream {}: late message after close dropped", id);
+            debug!("stream {}: late message after close dropped", id.as_str());
             return Ok(Handled::Consumed);
         }
-        Err(self.reject(Some(id), true, TunnelError::UnknownStream))
+        Err(self.reject_id(id, true, TunnelError::UnknownStream))
     }
 
     fn reject_oversize(
@@ -676,9 +768,18 @@ impl<M: PayloadBuf, const STREAMS: usize, const RING: usize> Relay<M, STREAMS, R
         stream: bool,
         error: TunnelError,
     ) -> TunnelError {
-        let request_id: String<MAX_REPLY_ID> = request_id
+        let request_id = request_id
             .map(|id| truncated(id.chars()))
             .unwrap_or_default();
+        self.reject_id(request_id, stream, error)
+    }
+
+    fn reject_id(
+        &mut self,
+        request_id: String<MAX_REPLY_ID>,
+        stream: bool,
+        error: TunnelError,
+    ) -> TunnelError {
         let what = if stream { "stream" } else { "request" };
         warn!("{} {}: rejected: {}", what, request_id.as_str(), error);
         self.stats.bad_messages += 1;
@@ -1323,7 +1424,14 @@ impl<M: PayloadBuf, const STREAMS: usize, const RING: usize> Relay<M, STREAMS, R
 
     /// The live WebSocket stream (not TCP tunnel) named by a JSON string.
     fn lookup_ws(&self, id: JsonStr<'_>) -> Option<Slot> {
-        self.lookup(id)
+        let mut buf = [0u8; MAX_STREAM_ID_LEN];
+        id.to_str(&mut buf).ok().and_then(|id| self.find_ws(id))
+    }
+
+    /// The live WebSocket stream (not TCP tunnel) named `id`.
+    fn find_ws(&self, id: &str) -> Option<Slot> {
+        self.streams
+            .find(id)
             .filter(|slot| self.streams.at(*slot).is_some_and(|e| !e.value.is_tcp()))
     }
 
@@ -1344,8 +1452,16 @@ impl<M: PayloadBuf, const STREAMS: usize, const RING: usize> Relay<M, STREAMS, R
     }
 }
 
+/// What a start asks to dial, from a `proxy_websocket_start` or [`Relay::start_stream`].
+struct StartFields<'a> {
+    path: Option<JsonStr<'a>>,
+    query: Option<JsonStr<'a>>,
+    headers: Headers<'a>,
+    protocol: Option<JsonStr<'a>>,
+}
+
 /// Validates everything a start asks to dial; returns the path.
-fn check_start<'a>(start: &WebSocketStart<'a>) -> Result<JsonStr<'a>, TunnelError> {
+fn check_start<'a>(start: &StartFields<'a>) -> Result<JsonStr<'a>, TunnelError> {
     let path = start
         .path
         .ok_or(TunnelError::Decode(crate::wire::DecodeError::MissingField(

@@ -1374,3 +1374,186 @@ mod interleavings {
         }
     }
 }
+
+// -------------------------------------------------------------------------------------------------
+// Direct entry points (WebSocket upgrades that arrived as `proxy_request`)
+
+/// The borrowed start fields of a `proxy_websocket_start` (as a `RequestStart` would carry them).
+fn start_fields(json: &str) -> WebSocketStart<'_> {
+    let env = Envelope::parse(json.as_bytes()).unwrap();
+    let Inbound::WebSocketStart(start) = env.inbound().unwrap() else {
+        panic!("not a start");
+    };
+    start
+}
+
+impl Harness {
+    fn start_direct(&mut self, id: &str, path: &str) -> Result<Got, TunnelError> {
+        let json = start_json("ignored", path);
+        let f = start_fields(&json);
+        let s = self.relay.start_stream(
+            self.now,
+            &sid(id),
+            f.path.unwrap(),
+            f.query.unwrap(),
+            f.headers,
+            f.protocol,
+        )?;
+        assert!(s.headers.contains("authorization"));
+        Ok(Got::Start {
+            stream: s.stream.to_string(),
+            path: s.path.to_string(),
+            query: s.query.to_string(),
+            protocol: s.protocol.map(|p| p.to_string()),
+        })
+    }
+}
+
+#[test]
+fn start_stream_registers_like_a_tunnel_start() {
+    let mut h = Harness::registered(true);
+    let path = "/api/v1/namespaces/default/pods/web-0/exec";
+    let direct = h.start_direct("up-1", path).unwrap();
+    let tunnel = h.feed(&start_json("t-1", path)).unwrap();
+    let expected = |stream: &str| Got::Start {
+        stream: stream.into(),
+        path: path.into(),
+        query: "command=sh&stdin=true&stdout=true&tty=true".into(),
+        protocol: Some("v5.channel.k8s.io,v4.channel.k8s.io".into()),
+    };
+    assert_eq!(direct, expected("up-1"));
+    assert_eq!(tunnel, expected("t-1"));
+    assert_eq!(h.relay.stream_state("up-1"), Some(StreamState::Opening));
+    assert_eq!(h.relay.stats().streams_opened, 2);
+    // From there it is an ordinary stream: opened, data both ways.
+    h.relay
+        .handle_upstream_started(h.now, "up-1", Some("v5.channel.k8s.io"))
+        .unwrap();
+    h.feed(&data_json("up-1", 2, b"ls\n")).unwrap();
+    h.drive();
+    assert_eq!(h.received("up-1").len(), 1);
+    let sent = h.take_sent();
+    assert!(
+        sent.iter()
+            .any(|s| s.kind == "proxy_websocket_started" && s.stream_id.as_deref() == Some("up-1"))
+    );
+    assert!(sent.iter().all(|s| s.kind != "proxy_error"));
+}
+
+#[test]
+fn start_stream_refuses_an_invalid_path_with_its_typed_error() {
+    let mut h = Harness::registered(true);
+    assert_eq!(
+        h.start_direct("up-1", "/etc/passwd"),
+        Err(TunnelError::Request(RequestError::Path))
+    );
+    assert_eq!(h.relay.stream_state("up-1"), None);
+    assert_eq!(h.relay.stream_count(), 0);
+    assert_eq!(h.relay.stats().bad_messages, 1);
+    h.drive();
+    let sent = h.take_sent();
+    assert_eq!(sent.len(), 1);
+    assert_eq!(sent[0].kind, "proxy_error");
+    assert_eq!(sent[0].stream_id.as_deref(), Some("up-1"));
+}
+
+#[test]
+fn start_stream_duplicate_leaves_the_live_stream_untouched() {
+    let mut h = Harness::registered(true);
+    h.open("s");
+    h.take_sent();
+    h.relay
+        .handle_upstream_message(h.now, "s", MessageKind::Text, Bytes(b"queued".to_vec()))
+        .unwrap();
+    assert_eq!(
+        h.start_direct("s", "/api/v1/namespaces/x/pods/y/exec"),
+        Err(TunnelError::DuplicateStream)
+    );
+    assert_eq!(h.relay.stream_state("s"), Some(StreamState::Open));
+    h.drive();
+    let sent = h.take_sent();
+    assert_eq!(data_sent(&sent, "s"), [(1, b"queued".to_vec())]);
+    assert!(sent.iter().any(|s| s.kind == "proxy_error"));
+    assert!(sent.iter().all(|s| s.kind != "proxy_websocket_close"));
+    assert!(
+        h.take_events()
+            .iter()
+            .all(|e| !matches!(e, Event::CloseUpstream { .. }))
+    );
+}
+
+#[test]
+fn close_stream_drains_then_closes_upstream_then_echoes() {
+    let mut h = Harness::registered(true);
+    h.start_direct("s", "/api/v1/namespaces/default/pods/web-0/exec")
+        .unwrap();
+    h.relay
+        .handle_upstream_started(h.now, "s", Some("v5.channel.k8s.io"))
+        .unwrap();
+    h.drive();
+    h.take_sent();
+    h.take_events();
+    h.auto_pop = false;
+    h.feed(&data_json("s", 2, b"one")).unwrap();
+    h.feed(&data_json("s", 2, b"two")).unwrap();
+    h.relay.close_stream(h.now, "s", None).unwrap();
+    h.drive();
+    // The queued data goes first; the close waits until it is popped.
+    assert_eq!(h.take_events(), [Event::DataForUpstream(sid("s"))]);
+    assert_eq!(h.relay.stream_state("s"), Some(StreamState::Closing));
+    h.pop_all("s");
+    h.drive();
+    assert_eq!(
+        h.received("s"),
+        [
+            (MessageKind::Binary, b"one".to_vec()),
+            (MessageKind::Binary, b"two".to_vec())
+        ]
+    );
+    assert_eq!(
+        h.take_events(),
+        [Event::CloseUpstream {
+            stream: sid("s"),
+            close: Close::new(1000, "")
+        }]
+    );
+    // Closing again is a no-op; the echo follows the upstream's close.
+    h.relay
+        .close_stream(h.now, "s", Some(Close::new(4000, "again")))
+        .unwrap();
+    h.relay
+        .handle_upstream_closed(h.now, "s", 1000, "")
+        .unwrap();
+    h.drive();
+    let sent = h.take_sent();
+    assert_eq!(
+        sent.iter().map(|s| s.kind.as_str()).collect::<Vec<_>>(),
+        ["proxy_websocket_close"]
+    );
+    assert_eq!(h.relay.stream_count(), 0);
+    // Once gone, a late close is dropped quietly; a never-known stream is a typed error.
+    assert_eq!(h.relay.close_stream(h.now, "s", None), Ok(()));
+    assert_eq!(
+        h.relay.close_stream(h.now, "nobody", None),
+        Err(TunnelError::UnknownStream)
+    );
+    h.drive();
+    let sent = h.take_sent();
+    assert_eq!(sent.len(), 1);
+    assert_eq!(sent[0].kind, "proxy_error");
+    assert_eq!(sent[0].stream_id.as_deref(), Some("nobody"));
+}
+
+#[test]
+fn close_stream_with_code_and_reason() {
+    let mut h = Harness::registered(true);
+    h.open("s");
+    h.relay
+        .close_stream(h.now, "s", Some(Close::new(4000, "user left")))
+        .unwrap();
+    h.drive();
+    assert!(h.take_events().contains(&Event::CloseUpstream {
+        stream: sid("s"),
+        close: Close::new(4000, "user left")
+    }));
+}

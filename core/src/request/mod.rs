@@ -33,8 +33,10 @@
 //! status (502, 504) and the reason as a text body; after the header, `proxy_response_abort`.
 //!
 //! A request that asks for a WebSocket ([`ProxyRequest::wants_websocket`]) is not sent as HTTP: the
-//! adapter hands [`encode_websocket_start`](Requests::encode_websocket_start)'s message to the relay
-//! (the stream id is the request id), and reports the upstream's answer with
+//! adapter starts a relay stream named by the request id with
+//! [`Relay::start_stream`](crate::relay::Relay::start_stream) (from the [`RequestStart`]'s path,
+//! query, headers and protocol; a cancelled upgrade ends it with
+//! [`Relay::close_stream`](crate::relay::Relay::close_stream)), and reports the upstream's answer with
 //! [`upgrade_started`](Requests::upgrade_started) (a `101` header with the negotiated subprotocol,
 //! then the end) or [`upgrade_failed`](Requests::upgrade_failed) (the upstream's status). Nothing is
 //! answered before the upstream did, unlike the PipeOps agent.
@@ -62,7 +64,7 @@ use crate::relay::{
 };
 use crate::stream_id::{StreamId, StreamIdError};
 use crate::time::{Duration, Instant};
-use crate::wire::json::{JsonStr, JsonValue, JsonWriter};
+use crate::wire::json::JsonStr;
 use crate::wire::{
     Base64Str, Body, EncodeError, Envelope, FrameError, HeaderList, Headers, Outbound,
     ProxyRequest, UnixTime, WireStr,
@@ -209,7 +211,7 @@ pub enum RequestBody<'a> {
 }
 
 /// A validated `proxy_request`, borrowing the tunnel message. Send it upstream (or, for
-/// [`websocket`](Self::websocket), hand [`Requests::encode_websocket_start`] to the relay) before
+/// [`websocket`](Self::websocket), start it with [`Relay::start_stream`](crate::relay::Relay::start_stream)) before
 /// handing in the next tunnel message.
 #[derive(Clone, Debug, PartialEq, Eq)]
 pub struct RequestStart<'a> {
@@ -643,49 +645,6 @@ impl<const N: usize> Requests<N> {
 
     // ---------------------------------------------------------------------------------------------
     // WebSocket upgrades
-
-    /// Encodes the `proxy_websocket_start` that relays WebSocket request `start` as a stream named
-    /// by its request id, for `Relay::handle_tunnel_message`. Path, query, headers and subprotocols
-    /// are copied as received (the relay validates them again).
-    ///
-    /// # Errors
-    /// [`EncodeError::BufferTooSmall`] with the size needed.
-    pub fn encode_websocket_start(
-        start: &RequestStart<'_>,
-        buf: &mut [u8],
-    ) -> Result<usize, EncodeError> {
-        let mut w = JsonWriter::new(buf);
-        w.object(|o| {
-            o.str("type", "proxy_websocket_start");
-            o.str("request_id", start.id.as_str());
-            o.object("payload", |p| {
-                p.str("stream_id", start.id.as_str());
-                p.str("method", "GET");
-                p.key("path").json_str(start.path);
-                p.key("query").json_str(start.query);
-                p.key("headers")
-                    .json_value(JsonValue::Object(start.headers.as_object()));
-                if let Some(protocol) = start.protocol {
-                    p.key("protocol").json_str(protocol);
-                }
-            });
-        });
-        Ok(w.finish()?)
-    }
-
-    /// Encodes the `proxy_websocket_close` that ends the relay stream of a cancelled upgrade `id`.
-    ///
-    /// # Errors
-    /// [`EncodeError::BufferTooSmall`] with the size needed.
-    pub fn encode_websocket_close(id: &str, buf: &mut [u8]) -> Result<usize, EncodeError> {
-        let mut w = JsonWriter::new(buf);
-        w.object(|o| {
-            o.str("type", "proxy_websocket_close");
-            o.str("request_id", id);
-            o.object("payload", |p| p.str("stream_id", id));
-        });
-        Ok(w.finish()?)
-    }
 
     /// The upstream accepted WebSocket request `id` with `subprotocol`: a `proxy_response_header`
     /// 101 (`Upgrade`, `Connection`, `Sec-WebSocket-Protocol`) then `proxy_response_end` are queued.

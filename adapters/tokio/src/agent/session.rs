@@ -649,12 +649,9 @@ impl Session<'_> {
 
     /// Closes the relay stream `id` as if the control plane had sent `proxy_websocket_close`.
     fn close_stream_from_agent(&mut self, id: &str) {
-        match tether_core::request::Requests::<1>::encode_websocket_close(id, self.txbuf) {
-            Ok(n) => {
-                let frame = self.txbuf[..n].to_vec();
-                self.on_tunnel(frame);
-            }
-            Err(e) => warn!(stream = id, "cannot encode a close: {e:?}"),
+        let now = self.shared.now();
+        if let Err(e) = self.relay.close_stream(now, id, None) {
+            debug!(stream = id, "close refused: {e}");
         }
     }
 
@@ -671,32 +668,20 @@ impl Session<'_> {
             })
             .collect();
         if start.websocket {
-            let n = match tether_core::request::Requests::<1>::encode_websocket_start(
-                &start, self.txbuf,
-            ) {
-                Ok(n) => n,
-                Err(e) => {
-                    let _ = self
-                        .requests
-                        .upgrade_failed(&id, 400, &format!("cannot relay: {e:?}"));
-                    return;
-                }
-            };
-            let synthetic = self.txbuf[..n].to_vec();
             let now = self.shared.now();
-            match self
-                .relay
-                .handle_tunnel_message(now, &synthetic, self.scratch)
-            {
-                Ok(Handled::Start(s)) => {
+            let started = self.relay.start_stream(
+                now,
+                &start.id,
+                start.path,
+                start.query,
+                start.headers,
+                start.protocol,
+            );
+            match started {
+                Ok(s) => {
                     let spec =
                         stream_spec(s.stream.as_str(), s.path, s.query, s.headers, s.protocol);
                     self.spawn_stream(spec, true);
-                }
-                Ok(_) => {
-                    let _ = self
-                        .requests
-                        .upgrade_failed(&id, 500, "upgrade not relayed");
                 }
                 Err(e) => {
                     let status = match e {
