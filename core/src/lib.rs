@@ -20,6 +20,11 @@
 #[macro_use]
 mod fmt;
 
+mod flow;
+mod keepalive;
+mod recent;
+mod text;
+
 // Tests only: the library itself never links std or alloc.
 #[cfg(test)]
 extern crate std;

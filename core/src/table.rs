@@ -286,6 +286,18 @@ impl<T, const N: usize> StreamTable<T, N> {
             .filter(|&i| self.slots[i].is_some())
             .map(Slot)
     }
+
+    /// The slots of [`iter`](Self::iter), collected so the table can change while they are
+    /// walked.
+    pub(crate) fn live_slots(&self) -> heapless::Vec<Slot, N> {
+        self.iter().map(|(slot, _)| slot).collect()
+    }
+
+    /// The slots of [`round_robin`](Self::round_robin), collected so the table can change while
+    /// they are walked.
+    pub(crate) fn slots_after(&self, after: Option<Slot>) -> heapless::Vec<Slot, N> {
+        self.round_robin(after).collect()
+    }
 }
 
 #[cfg(test)]

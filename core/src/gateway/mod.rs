@@ -90,6 +90,9 @@ use core::fmt::Write as _;
 
 use heapless::{Deque, String};
 
+use crate::flow::TunnelPause;
+use crate::keepalive::Keepalive;
+use crate::recent::RecentlyClosed;
 use crate::relay::{
     Close, MAX_FAILURE_MESSAGE, MAX_SUBPROTOCOL, Message, MessageKind, PayloadBuf, SendError,
     TransmitError, validate_path, validate_query, validate_subprotocol_list,
@@ -97,6 +100,7 @@ use crate::relay::{
 use crate::ring::DEFAULT_RING_MESSAGES;
 use crate::stream_id::{MAX_STREAM_ID_LEN, StreamId};
 use crate::table::{InsertError, Slot, StreamState, StreamTable};
+use crate::text::truncated;
 use crate::time::Instant;
 use crate::wire::{
     AgentMessage, CloseFrame, ControlMessage, DataFrame, Envelope, Extensions, FrameError,
@@ -186,10 +190,8 @@ struct Session {
     registered: bool,
     extensions: Extensions,
     owe_registered: bool,
-    owe_ping: bool,
-    next_ping: Option<Instant>,
-    read_deadline: Option<Instant>,
-    owe_dead: bool,
+    /// Ping and read-deadline timers.
+    keepalive: Keepalive,
 }
 
 /// The control-plane side of one agent tunnel, for up to `STREAMS` concurrent streams and requests,
@@ -206,9 +208,8 @@ pub struct Gateway<M, const STREAMS: usize, const RING: usize = DEFAULT_RING_MES
     streams: StreamTable<StreamData<M, RING>, STREAMS>,
     session: Session,
     replies: Deque<Reply, REPLY_QUEUE>,
-    recently_closed: Deque<StreamId, RECENTLY_CLOSED>,
-    blocked: Option<Blocker>,
-    tunnel_flow: Option<Flow>,
+    recently_closed: RecentlyClosed<RECENTLY_CLOSED>,
+    pause: TunnelPause<Blocker>,
     control_cursor: Option<Slot>,
     data_cursor: Option<Slot>,
     event_cursor: Option<Slot>,
@@ -225,14 +226,12 @@ impl<M: PayloadBuf, const STREAMS: usize, const RING: usize> Gateway<M, STREAMS,
             streams: StreamTable::new(),
             session: Session {
                 cluster_id: truncated(cluster_id.chars()),
-                next_ping: Some(now + config.ping_interval),
-                read_deadline: Some(now + config.read_deadline),
+                keepalive: Keepalive::armed(now, config.ping_interval, config.read_deadline),
                 ..Session::default()
             },
             replies: Deque::new(),
-            recently_closed: Deque::new(),
-            blocked: None,
-            tunnel_flow: None,
+            recently_closed: RecentlyClosed::new(),
+            pause: TunnelPause::new(),
             control_cursor: None,
             data_cursor: None,
             event_cursor: None,
@@ -288,9 +287,9 @@ impl<M: PayloadBuf, const STREAMS: usize, const RING: usize> Gateway<M, STREAMS,
     /// Records that the tunnel showed signs of life (a WebSocket pong, or any frame not handed to
     /// [`handle_tunnel_message`](Self::handle_tunnel_message)): pushes the read deadline back.
     pub fn handle_tunnel_activity(&mut self, now: Instant) {
-        if self.session.read_deadline.is_some() {
-            self.session.read_deadline = Some(now + self.config.read_deadline);
-        }
+        self.session
+            .keepalive
+            .activity(now, self.config.read_deadline);
     }
 
     // ---------------------------------------------------------------------------------------------
@@ -437,7 +436,7 @@ impl<M: PayloadBuf, const STREAMS: usize, const RING: usize> Gateway<M, STREAMS,
             InsertError::Duplicate => OpenError::DuplicateStream,
             InsertError::Full => OpenError::TooManyStreams,
         })?;
-        self.recently_closed.retain(|old| *old != id);
+        self.recently_closed.forget(&id);
         Ok(slot)
     }
 
@@ -736,7 +735,7 @@ impl<M: PayloadBuf, const STREAMS: usize, const RING: usize> Gateway<M, STREAMS,
         let message: String<MAX_FAILURE_MESSAGE> =
             error.map(|e| truncated(e.chars())).unwrap_or_default();
         let Some(slot) = id.and_then(|id| self.lookup(id)) else {
-            if id.is_some_and(|id| self.recently_closed.iter().any(|old| id == *old.as_str())) {
+            if id.is_some_and(|id| self.recently_closed.contains(&id)) {
                 self.stats.late_messages += 1;
             } else {
                 warn!(
@@ -1102,7 +1101,7 @@ impl<M: PayloadBuf, const STREAMS: usize, const RING: usize> Gateway<M, STREAMS,
     /// A message for a stream that is not live: dropped quietly if it finished recently (a normal
     /// race), rejected otherwise.
     fn unknown_stream<'a>(&mut self, id: JsonStr<'_>) -> Result<Handled<'a>, TunnelError> {
-        if self.recently_closed.iter().any(|old| id == *old.as_str()) {
+        if self.recently_closed.contains(&id) {
             self.stats.late_messages += 1;
             debug!("stream {}: late message after close dropped", id);
             return Ok(Handled::Consumed);
@@ -1195,18 +1194,16 @@ impl<M: PayloadBuf, const STREAMS: usize, const RING: usize> Gateway<M, STREAMS,
     }
 
     fn block(&mut self, blocker: Blocker) -> TunnelError {
-        if self.blocked.is_none() {
+        if self.pause.block(blocker) {
             self.stats.tunnel_pauses += 1;
-            self.tunnel_flow = Some(Flow::Stop);
             debug!("tunnel reads paused");
         }
-        self.blocked = Some(blocker);
         TunnelError::Blocked
     }
 
     /// Lifts a tunnel pause once what it waits for is available.
     fn check_unblock(&mut self) {
-        let free = match &self.blocked {
+        let free = match self.pause.blocker() {
             None => return,
             Some(Blocker::Replies) => !self.replies.is_full(),
             Some(Blocker::Stream { id, bytes }) => self.streams.get(id.as_str()).is_none_or(|e| {
@@ -1216,8 +1213,7 @@ impl<M: PayloadBuf, const STREAMS: usize, const RING: usize> Gateway<M, STREAMS,
             }),
         };
         if free {
-            self.blocked = None;
-            self.tunnel_flow = Some(Flow::Resume);
+            self.pause.resume();
             debug!("tunnel reads resumed");
         }
     }
@@ -1240,13 +1236,10 @@ impl<M: PayloadBuf, const STREAMS: usize, const RING: usize> Gateway<M, STREAMS,
             self.streams.len()
         );
         self.session.registered = false;
-        self.session.owe_ping = false;
-        self.session.next_ping = None;
-        self.session.read_deadline = None;
+        self.session.keepalive.stop();
         self.replies.clear();
-        self.blocked = None;
-        self.tunnel_flow = None;
-        for slot in self.live_slots() {
+        self.pause.clear();
+        for slot in self.streams.live_slots() {
             let Some(entry) = self.streams.at_mut(slot) else {
                 continue;
             };
@@ -1288,21 +1281,14 @@ impl<M: PayloadBuf, const STREAMS: usize, const RING: usize> Gateway<M, STREAMS,
     /// close or cancel for it).
     pub fn handle_timeout(&mut self, now: Instant) {
         let s = &mut self.session;
-        if s.next_ping.is_some_and(|t| t <= now) {
-            s.owe_ping = true;
-            s.next_ping = Some(now + self.config.ping_interval);
-        }
-        if s.read_deadline.is_some_and(|t| t <= now) {
+        if s.keepalive.handle_timeout(now, self.config.ping_interval) {
             warn!(
                 "tunnel of cluster {} silent for {}",
                 s.cluster_id.as_str(),
                 self.config.read_deadline
             );
-            s.read_deadline = None;
-            s.next_ping = None;
-            s.owe_dead = true;
         }
-        for slot in self.live_slots() {
+        for slot in self.streams.live_slots() {
             let Some(entry) = self.streams.at_mut(slot) else {
                 continue;
             };
@@ -1342,7 +1328,7 @@ impl<M: PayloadBuf, const STREAMS: usize, const RING: usize> Gateway<M, STREAMS,
             .iter()
             .filter_map(|(_, e)| e.value.deadline)
             .min();
-        [self.session.next_ping, self.session.read_deadline, streams]
+        [self.session.keepalive.next_timeout(), streams]
             .into_iter()
             .flatten()
             .min()
@@ -1355,14 +1341,14 @@ impl<M: PayloadBuf, const STREAMS: usize, const RING: usize> Gateway<M, STREAMS,
     /// come first, then stream events round-robin across streams (per stream in the order documented
     /// on [`Event`]).
     pub fn poll_event(&mut self) -> Option<Event> {
-        if let Some(flow) = self.tunnel_flow.take() {
+        if let Some(flow) = self.pause.take_notice() {
             return Some(match flow {
                 Flow::Stop => Event::PauseTunnelReads,
                 Flow::Resume => Event::ResumeTunnelReads,
             });
         }
         let s = &mut self.session;
-        if core::mem::take(&mut s.owe_dead) {
+        if s.keepalive.take_dead() {
             return Some(Event::TunnelDead);
         }
         if core::mem::take(&mut s.owe_registered) {
@@ -1371,10 +1357,10 @@ impl<M: PayloadBuf, const STREAMS: usize, const RING: usize> Gateway<M, STREAMS,
                 extensions: s.extensions,
             });
         }
-        if core::mem::take(&mut s.owe_ping) {
+        if s.keepalive.take_ping() {
             return Some(Event::SendPing);
         }
-        for slot in self.slots_after(self.event_cursor) {
+        for slot in self.streams.slots_after(self.event_cursor) {
             if let Some(event) = self.stream_event(slot) {
                 self.event_cursor = Some(slot);
                 return Some(event);
@@ -1454,13 +1440,13 @@ impl<M: PayloadBuf, const STREAMS: usize, const RING: usize> Gateway<M, STREAMS,
             self.check_unblock();
             return Ok(Some(n));
         }
-        for slot in self.slots_after(self.control_cursor) {
+        for slot in self.streams.slots_after(self.control_cursor) {
             if let Some(n) = self.transmit_control(slot, unix_time, buf)? {
                 self.control_cursor = Some(slot);
                 return Ok(Some(n));
             }
         }
-        for slot in self.slots_after(self.data_cursor) {
+        for slot in self.streams.slots_after(self.data_cursor) {
             if let Some(n) = self.transmit_data(slot, unix_time, buf)? {
                 self.data_cursor = Some(slot);
                 return Ok(Some(n));
@@ -1609,10 +1595,7 @@ impl<M: PayloadBuf, const STREAMS: usize, const RING: usize> Gateway<M, STREAMS,
         }
         if let Ok(Some(entry)) = self.streams.transition(slot, StreamState::Closed) {
             debug!("stream {}: freed", entry.id());
-            if self.recently_closed.is_full() {
-                self.recently_closed.pop_front();
-            }
-            let _ = self.recently_closed.push_back(entry.id().clone());
+            self.recently_closed.remember(entry.id().clone());
             self.stats.streams_closed += 1;
             self.check_unblock();
         }
@@ -1625,25 +1608,6 @@ impl<M: PayloadBuf, const STREAMS: usize, const RING: usize> Gateway<M, STREAMS,
             .ok()
             .and_then(|id| self.streams.find(id))
     }
-
-    fn live_slots(&self) -> heapless::Vec<Slot, STREAMS> {
-        self.streams.iter().map(|(slot, _)| slot).collect()
-    }
-
-    fn slots_after(&self, cursor: Option<Slot>) -> heapless::Vec<Slot, STREAMS> {
-        self.streams.round_robin(cursor).collect()
-    }
-}
-
-/// Copies as many whole characters as fit.
-fn truncated<const N: usize>(chars: impl IntoIterator<Item = char>) -> String<N> {
-    let mut s = String::new();
-    for c in chars {
-        if s.push(c).is_err() {
-            break;
-        }
-    }
-    s
 }
 
 fn reply_id(id: Option<JsonStr<'_>>) -> String<MAX_REPLY_ID> {

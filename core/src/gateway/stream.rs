@@ -18,12 +18,7 @@ pub enum StreamKind {
     Tcp,
 }
 
-/// A pending "stop/resume reading" notice; a later notice replaces an unpolled earlier one.
-#[derive(Clone, Copy, Debug, PartialEq, Eq)]
-pub(crate) enum Flow {
-    Stop,
-    Resume,
-}
+pub(crate) use crate::flow::Flow;
 
 /// A refusal owed to the client as [`Event::Failed`](super::Event::Failed).
 #[derive(Clone, Debug)]

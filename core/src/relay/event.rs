@@ -121,16 +121,7 @@ impl fmt::Display for Close {
     }
 }
 
-/// Copies as many whole characters as fit.
-pub(crate) fn truncated<const N: usize>(chars: impl IntoIterator<Item = char>) -> String<N> {
-    let mut s = String::new();
-    for c in chars {
-        if s.push(c).is_err() {
-            break;
-        }
-    }
-    s
-}
+pub(crate) use crate::text::truncated;
 
 /// Something the adapter must act on. Poll with [`Relay::poll_event`](super::Relay::poll_event).
 #[derive(Clone, Debug, PartialEq, Eq)]

@@ -80,6 +80,9 @@ use core::fmt::Write as _;
 
 use heapless::{Deque, String};
 
+use crate::flow::TunnelPause;
+use crate::keepalive::Keepalive;
+use crate::recent::RecentlyClosed;
 use crate::ring::DEFAULT_RING_MESSAGES;
 use crate::stream_id::{MAX_STREAM_ID_LEN, StreamId, StreamIdError};
 use crate::table::{InsertError, Slot, StreamState, StreamTable};
@@ -230,9 +233,8 @@ pub struct Relay<M, const STREAMS: usize, const RING: usize = DEFAULT_RING_MESSA
     session: Session,
     replies: Deque<Reply, REPLY_QUEUE>,
     fallbacks: heapless::Vec<String<MAX_TYPE_NAME>, FALLBACK_TYPES>,
-    recently_closed: Deque<StreamId, RECENTLY_CLOSED>,
-    blocked: Option<Blocker>,
-    tunnel_flow: Option<Flow>,
+    recently_closed: RecentlyClosed<RECENTLY_CLOSED>,
+    pause: TunnelPause<Blocker>,
     control_cursor: Option<Slot>,
     data_cursor: Option<Slot>,
     event_cursor: Option<Slot>,
@@ -263,9 +265,8 @@ impl<M: PayloadBuf, const STREAMS: usize, const RING: usize> Relay<M, STREAMS, R
             session: Session::new(),
             replies: Deque::new(),
             fallbacks: heapless::Vec::new(),
-            recently_closed: Deque::new(),
-            blocked: None,
-            tunnel_flow: None,
+            recently_closed: RecentlyClosed::new(),
+            pause: TunnelPause::new(),
             control_cursor: None,
             data_cursor: None,
             event_cursor: None,
@@ -322,8 +323,7 @@ impl<M: PayloadBuf, const STREAMS: usize, const RING: usize> Relay<M, STREAMS, R
         self.session = Session {
             info,
             register_pending: true,
-            next_ping: Some(now + self.config.ping_interval),
-            read_deadline: Some(now + self.config.read_deadline),
+            keepalive: Keepalive::armed(now, self.config.ping_interval, self.config.read_deadline),
             ..Session::default()
         };
         self.fallbacks.clear();
@@ -333,9 +333,9 @@ impl<M: PayloadBuf, const STREAMS: usize, const RING: usize> Relay<M, STREAMS, R
     /// does not hand to [`handle_tunnel_message`](Self::handle_tunnel_message)): pushes the read
     /// deadline back. Every handled tunnel message does this too.
     pub fn handle_tunnel_activity(&mut self, now: Instant) {
-        if self.session.read_deadline.is_some() {
-            self.session.read_deadline = Some(now + self.config.read_deadline);
-        }
+        self.session
+            .keepalive
+            .activity(now, self.config.read_deadline);
     }
 
     /// The tunnel connection is gone. Every stream is closed: its upstream gets
@@ -350,9 +350,8 @@ impl<M: PayloadBuf, const STREAMS: usize, const RING: usize> Relay<M, STREAMS, R
             ..Session::default()
         };
         self.replies.clear();
-        self.blocked = None;
-        self.tunnel_flow = None;
-        for slot in self.live_slots() {
+        self.pause.clear();
+        for slot in self.streams.live_slots() {
             let Some(entry) = self.streams.at_mut(slot) else {
                 continue;
             };
@@ -537,7 +536,7 @@ impl<M: PayloadBuf, const STREAMS: usize, const RING: usize> Relay<M, STREAMS, R
             }
         }
         self.stats.streams_opened += 1;
-        self.recently_closed.retain(|old| *old != id);
+        self.recently_closed.forget(&id);
         info!("stream {}: start {}", id, path);
         Ok(StartRequest {
             stream: id,
@@ -664,7 +663,7 @@ impl<M: PayloadBuf, const STREAMS: usize, const RING: usize> Relay<M, STREAMS, R
         close: Option<Close>,
     ) -> Result<(), TunnelError> {
         let Some(slot) = self.find_ws(stream) else {
-            let late = self.recently_closed.iter().any(|old| *old == *stream);
+            let late = self.recently_closed.contains(stream);
             return self.unknown(late, truncated(stream.chars())).map(|_| ());
         };
         self.close_requested(now, slot, close);
@@ -700,7 +699,7 @@ impl<M: PayloadBuf, const STREAMS: usize, const RING: usize> Relay<M, STREAMS, R
     /// A message for a stream that is not live: dropped quietly if the stream closed recently (a
     /// normal race), rejected otherwise.
     fn unknown_stream<'a>(&mut self, id: JsonStr<'_>) -> Result<Handled<'a>, TunnelError> {
-        let late = self.recently_closed.iter().any(|old| id == *old.as_str());
+        let late = self.recently_closed.contains(&id);
         self.unknown(late, truncated(id.chars()))
     }
 
@@ -799,18 +798,16 @@ impl<M: PayloadBuf, const STREAMS: usize, const RING: usize> Relay<M, STREAMS, R
     }
 
     fn block(&mut self, blocker: Blocker) -> TunnelError {
-        if self.blocked.is_none() {
+        if self.pause.block(blocker) {
             self.stats.tunnel_pauses += 1;
-            self.tunnel_flow = Some(Flow::Stop);
             debug!("tunnel reads paused");
         }
-        self.blocked = Some(blocker);
         TunnelError::Blocked
     }
 
     /// Lifts a tunnel pause once what it waits for is available.
     fn check_unblock(&mut self) {
-        let free = match &self.blocked {
+        let free = match self.pause.blocker() {
             None => return,
             Some(Blocker::Replies) => !self.replies.is_full(),
             Some(Blocker::Stream { id, bytes }) => self.streams.get(id.as_str()).is_none_or(|e| {
@@ -827,8 +824,7 @@ impl<M: PayloadBuf, const STREAMS: usize, const RING: usize> Relay<M, STREAMS, R
             }
         };
         if free {
-            self.blocked = None;
-            self.tunnel_flow = Some(Flow::Resume);
+            self.pause.resume();
             debug!("tunnel reads resumed");
         }
     }
@@ -1061,22 +1057,15 @@ impl<M: PayloadBuf, const STREAMS: usize, const RING: usize> Relay<M, STREAMS, R
     /// abandoned with [`Event::CloseUpstream`]) and close timeouts.
     pub fn handle_timeout(&mut self, now: Instant) {
         let s = &mut self.session;
-        if s.next_ping.is_some_and(|t| t <= now) {
-            s.owe_ping = true;
-            s.next_ping = Some(now + self.config.ping_interval);
-        }
         if s.next_heartbeat.is_some_and(|t| t <= now) {
             s.heartbeat_pending = true;
             s.next_heartbeat = Some(now + self.config.heartbeat_interval);
         }
-        if s.read_deadline.is_some_and(|t| t <= now) {
+        if s.keepalive.handle_timeout(now, self.config.ping_interval) {
             warn!("tunnel silent for {}", self.config.read_deadline);
-            s.read_deadline = None;
-            s.next_ping = None;
             s.next_heartbeat = None;
-            s.owe_dead = true;
         }
-        for slot in self.live_slots() {
+        for slot in self.streams.live_slots() {
             let Some(entry) = self.streams.at_mut(slot) else {
                 continue;
             };
@@ -1131,14 +1120,14 @@ impl<M: PayloadBuf, const STREAMS: usize, const RING: usize> Relay<M, STREAMS, R
     /// Adapter events, one per call; call after every input until `None`. Tunnel and session
     /// events come first, then stream events round-robin across streams.
     pub fn poll_event(&mut self) -> Option<Event> {
-        if let Some(flow) = self.tunnel_flow.take() {
+        if let Some(flow) = self.pause.take_notice() {
             return Some(match flow {
                 Flow::Stop => Event::PauseTunnelReads,
                 Flow::Resume => Event::ResumeTunnelReads,
             });
         }
         let s = &mut self.session;
-        if core::mem::take(&mut s.owe_dead) {
+        if s.keepalive.take_dead() {
             return Some(Event::TunnelDead);
         }
         if core::mem::take(&mut s.owe_registered) {
@@ -1147,10 +1136,10 @@ impl<M: PayloadBuf, const STREAMS: usize, const RING: usize> Relay<M, STREAMS, R
                 extensions: s.extensions,
             });
         }
-        if core::mem::take(&mut s.owe_ping) {
+        if s.keepalive.take_ping() {
             return Some(Event::SendPing);
         }
-        for slot in self.slots_after(self.event_cursor) {
+        for slot in self.streams.slots_after(self.event_cursor) {
             if let Some(event) = self.stream_event(slot) {
                 self.event_cursor = Some(slot);
                 return Some(event);
@@ -1217,7 +1206,7 @@ impl<M: PayloadBuf, const STREAMS: usize, const RING: usize> Relay<M, STREAMS, R
             self.check_unblock();
             return Ok(Some(n));
         }
-        for slot in self.slots_after(self.control_cursor) {
+        for slot in self.streams.slots_after(self.control_cursor) {
             if let Some(n) = self.transmit_control(slot, now, unix_time, buf)? {
                 self.control_cursor = Some(slot);
                 return Ok(Some(n));
@@ -1228,7 +1217,7 @@ impl<M: PayloadBuf, const STREAMS: usize, const RING: usize> Relay<M, STREAMS, R
             self.session.heartbeat_pending = false;
             return Ok(Some(n));
         }
-        for slot in self.slots_after(self.data_cursor) {
+        for slot in self.streams.slots_after(self.data_cursor) {
             if let Some(n) = self.transmit_data(slot, unix_time, buf)? {
                 self.data_cursor = Some(slot);
                 return Ok(Some(n));
@@ -1413,10 +1402,7 @@ impl<M: PayloadBuf, const STREAMS: usize, const RING: usize> Relay<M, STREAMS, R
         }
         if let Ok(Some(entry)) = self.streams.transition(slot, StreamState::Closed) {
             debug!("stream {}: freed", entry.id());
-            if self.recently_closed.is_full() {
-                self.recently_closed.pop_front();
-            }
-            let _ = self.recently_closed.push_back(entry.id().clone());
+            self.recently_closed.remember(entry.id().clone());
             self.stats.streams_closed += 1;
             self.check_unblock();
         }
@@ -1441,14 +1427,6 @@ impl<M: PayloadBuf, const STREAMS: usize, const RING: usize> Relay<M, STREAMS, R
         id.to_str(&mut buf)
             .ok()
             .and_then(|id| self.streams.find(id))
-    }
-
-    fn live_slots(&self) -> heapless::Vec<Slot, STREAMS> {
-        self.streams.iter().map(|(slot, _)| slot).collect()
-    }
-
-    fn slots_after(&self, cursor: Option<Slot>) -> heapless::Vec<Slot, STREAMS> {
-        self.streams.round_robin(cursor).collect()
     }
 }
 

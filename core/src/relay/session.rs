@@ -2,6 +2,7 @@
 
 use heapless::String;
 
+use crate::keepalive::Keepalive;
 use crate::time::Instant;
 use crate::wire::Extensions;
 
@@ -75,10 +76,8 @@ pub(crate) struct Session {
     pub(crate) owe_registered: bool,
     pub(crate) heartbeat_pending: bool,
     pub(crate) next_heartbeat: Option<Instant>,
-    pub(crate) owe_ping: bool,
-    pub(crate) next_ping: Option<Instant>,
-    pub(crate) read_deadline: Option<Instant>,
-    pub(crate) owe_dead: bool,
+    /// Ping and read-deadline timers.
+    pub(crate) keepalive: Keepalive,
 }
 
 impl Session {
@@ -93,16 +92,13 @@ impl Session {
             owe_registered: false,
             heartbeat_pending: false,
             next_heartbeat: None,
-            owe_ping: false,
-            next_ping: None,
-            read_deadline: None,
-            owe_dead: false,
+            keepalive: Keepalive::IDLE,
         }
     }
 
     /// Earliest pending session timer.
     pub(crate) fn next_timeout(&self) -> Option<Instant> {
-        [self.next_heartbeat, self.next_ping, self.read_deadline]
+        [self.next_heartbeat, self.keepalive.next_timeout()]
             .into_iter()
             .flatten()
             .min()

@@ -8,12 +8,7 @@ use crate::time::Instant;
 use super::event::{Close, MAX_FAILURE_MESSAGE, MAX_SUBPROTOCOL, Message};
 use super::tcp::TcpData;
 
-/// A pending "stop/resume reading" notice; a later notice replaces an unpolled earlier one.
-#[derive(Clone, Copy, Debug, PartialEq, Eq)]
-pub(crate) enum Flow {
-    Stop,
-    Resume,
-}
+pub(crate) use crate::flow::Flow;
 
 /// Upstream refusal to report as `proxy_error`.
 #[derive(Clone, Debug)]

@@ -188,7 +188,7 @@ impl<M: PayloadBuf, const STREAMS: usize, const RING: usize> Relay<M, STREAMS, R
             }
         }
         self.stats.streams_opened += 1;
-        self.recently_closed.retain(|old| *old != id);
+        self.recently_closed.forget(&id);
         info!("tunnel {}: start tcp {}:{}", id, host.as_str(), port);
         Ok(TcpTunnelRequest {
             tunnel: id,
@@ -348,11 +348,7 @@ impl<M: PayloadBuf, const STREAMS: usize, const RING: usize> Relay<M, STREAMS, R
             return Err(self.reject(None, false, error));
         };
         let Some(slot) = self.lookup_tcp(raw_id) else {
-            if self
-                .recently_closed
-                .iter()
-                .any(|old| raw_id == *old.as_str())
-            {
+            if self.recently_closed.contains(&raw_id) {
                 self.stats.late_messages += 1;
                 return Ok(Handled::Consumed);
             }
@@ -408,7 +404,7 @@ impl<M: PayloadBuf, const STREAMS: usize, const RING: usize> Relay<M, STREAMS, R
 
     /// A tunnel message for a tunnel that is not live.
     fn unknown_tunnel<'a>(&mut self, id: JsonStr<'_>) -> Result<Handled<'a>, TunnelError> {
-        if self.recently_closed.iter().any(|old| id == *old.as_str()) {
+        if self.recently_closed.contains(&id) {
             self.stats.late_messages += 1;
             debug!("tunnel {}: late message after close dropped", id);
             return Ok(Handled::Consumed);
