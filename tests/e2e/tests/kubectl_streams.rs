@@ -126,10 +126,37 @@ async fn exec_it_with_terminal_resize() {
     let (reader, mut writer) = pty.into_split();
     let out = collect_pty(reader);
 
-    // The initial size reaches the remote terminal, which is a real tty.
-    writer.write_all(b"stty size; tty\n").await.unwrap();
-    wait_screen(&out, "33 91").await;
+    // The initial size reaches the remote terminal, which is a real tty. kubectl sends its
+    // initial resize and the first stdin from separate goroutines, so a line typed at once may be
+    // run before the size is applied: wait for the shell's prompt, then ask until the size shows
+    // (an initial resize that never arrives still fails the test).
+    let deadline = Instant::now() + T;
+    while !["# ", "$ "]
+        .iter()
+        .any(|prompt| screen(&out).contains(prompt))
+    {
+        assert!(
+            Instant::now() < deadline,
+            "no shell prompt: {}",
+            screen(&out)
+        );
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+    writer.write_all(b"tty\n").await.unwrap();
     wait_screen(&out, "/dev/pts/").await;
+    let deadline = Instant::now() + T;
+    loop {
+        writer.write_all(b"stty size\n").await.unwrap();
+        tokio::time::sleep(Duration::from_millis(200)).await;
+        if screen(&out).contains("33 91") {
+            break;
+        }
+        assert!(
+            Instant::now() < deadline,
+            "the initial terminal size never reached the pod; terminal so far:\n{}",
+            screen(&out)
+        );
+    }
 
     // A resize of the local terminal reaches it too (SIGWINCH -> channel 4 -> TIOCSWINSZ).
     writer.resize(pty_process::Size::new(40, 120)).unwrap();

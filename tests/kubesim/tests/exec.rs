@@ -327,10 +327,34 @@ async fn exec_tty_through_a_pseudo_terminal_with_resize() {
     let screen = collect(reader);
     let t = Duration::from_secs(15);
 
-    // The initial size reaches the remote terminal.
-    writer.write_all(b"stty size; tty\n").await.unwrap();
-    wait_for(&screen, "33 91", t).await;
+    // The initial size reaches the remote terminal. kubectl sends its initial resize and the
+    // first stdin from separate goroutines, so a line typed at once may run before the size is
+    // applied: wait for the prompt, then ask until the size shows (or fail at the deadline).
+    let text =
+        |s: &std::sync::Mutex<Vec<u8>>| String::from_utf8_lossy(&s.lock().unwrap()).into_owned();
+    let deadline = Instant::now() + t;
+    while !["# ", "$ "].iter().any(|p| text(&screen).contains(p)) {
+        assert!(
+            Instant::now() < deadline,
+            "no shell prompt: {}",
+            text(&screen)
+        );
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+    writer.write_all(b"tty\n").await.unwrap();
     wait_for(&screen, "/dev/pts/", t).await;
+    loop {
+        writer.write_all(b"stty size\n").await.unwrap();
+        tokio::time::sleep(Duration::from_millis(200)).await;
+        if text(&screen).contains("33 91") {
+            break;
+        }
+        assert!(
+            Instant::now() < deadline,
+            "initial size never arrived: {}",
+            text(&screen)
+        );
+    }
 
     // A resize of the local terminal reaches it too (SIGWINCH -> channel 4 -> TIOCSWINSZ).
     writer.resize(pty_process::Size::new(40, 120)).unwrap();
