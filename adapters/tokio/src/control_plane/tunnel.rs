@@ -71,6 +71,26 @@ struct LinkState {
     closing: Option<Option<tether_core::relay::Close>>,
 }
 
+impl LinkState {
+    /// A client just admitted by the gateway: nothing stashed, nothing owed.
+    fn new(link: Link) -> Self {
+        Self {
+            link,
+            stash: VecDeque::new(),
+            wants_pop: false,
+            closing: None,
+        }
+    }
+}
+
+/// Tells a client the gateway refused to open it, with the HTTP status that refusal maps to.
+fn refuse(link: &Link, e: &OpenError) {
+    let _ = link.tx.send(ToClient::Failed {
+        status: open_error_status(e),
+        message: e.to_string(),
+    });
+}
+
 struct Tunnel {
     gw: Box<Gw>,
     cluster: String,
@@ -591,22 +611,11 @@ impl Tunnel {
         {
             Ok(()) => {
                 tracing::info!(cluster = %self.cluster, stream = %open.id, user = %open.user, path = %open.path, "stream opened");
-                self.links.insert(
-                    open.id,
-                    LinkState {
-                        link: open.link,
-                        stash: VecDeque::new(),
-                        wants_pop: false,
-                        closing: None,
-                    },
-                );
+                self.links.insert(open.id, LinkState::new(open.link));
             }
             Err(e) => {
                 tracing::warn!(cluster = %self.cluster, stream = %open.id, error = %e, "stream refused");
-                let _ = open.link.tx.send(ToClient::Failed {
-                    status: open_error_status(&e),
-                    message: e.to_string(),
-                });
+                refuse(&open.link, &e);
             }
         }
     }
@@ -622,22 +631,11 @@ impl Tunnel {
         match self.gw.open_tcp(now, Self::unix(), &req, &mut self.scratch) {
             Ok(()) => {
                 tracing::info!(cluster = %self.cluster, tunnel = %open.id, client = %open.client_addr, target = %format!("{}:{}", open.host, open.port), "tcp forward opened");
-                self.links.insert(
-                    open.id,
-                    LinkState {
-                        link: open.link,
-                        stash: VecDeque::new(),
-                        wants_pop: false,
-                        closing: None,
-                    },
-                );
+                self.links.insert(open.id, LinkState::new(open.link));
             }
             Err(e) => {
                 tracing::warn!(cluster = %self.cluster, tunnel = %open.id, error = %e, "tcp forward refused");
-                let _ = open.link.tx.send(ToClient::Failed {
-                    status: open_error_status(&e),
-                    message: e.to_string(),
-                });
+                refuse(&open.link, &e);
             }
         }
     }
@@ -671,22 +669,11 @@ impl Tunnel {
         {
             Ok(()) => {
                 tracing::debug!(cluster = %self.cluster, request = %open.id, user = %open.user, method = %open.method, path = %open.path, "request forwarded");
-                self.links.insert(
-                    open.id,
-                    LinkState {
-                        link: open.link,
-                        stash: VecDeque::new(),
-                        wants_pop: false,
-                        closing: None,
-                    },
-                );
+                self.links.insert(open.id, LinkState::new(open.link));
             }
             Err(e) => {
                 tracing::warn!(cluster = %self.cluster, request = %open.id, error = %e, "request refused");
-                let _ = open.link.tx.send(ToClient::Failed {
-                    status: open_error_status(&e),
-                    message: e.to_string(),
-                });
+                refuse(&open.link, &e);
             }
         }
     }
