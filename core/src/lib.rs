@@ -16,6 +16,9 @@
 #![forbid(unsafe_code)]
 #![warn(missing_docs)]
 
+#[cfg(feature = "alloc")]
+extern crate alloc;
+
 // This mod MUST go first, so that the others see its macros.
 #[macro_use]
 mod fmt;
@@ -25,10 +28,14 @@ mod keepalive;
 mod recent;
 mod text;
 
+#[cfg(test)]
+mod native_tests;
+
 // Tests only: the library itself never links std or alloc.
 #[cfg(test)]
 extern crate std;
 
+pub mod credit;
 pub mod gateway;
 pub mod relay;
 pub mod request;

@@ -7,15 +7,21 @@
 //!
 //! # Memory
 //!
-//! Messages are stored inline, so a ring costs `CAP * size_of::<T>()` plus five words whether it
-//! holds anything or not; the payload bytes live wherever `T` keeps them. For the tokio agent (`T`
-//! a 32-byte message around an owned buffer handle, `CAP` = 100) that is 3 240 bytes per ring; an
-//! embedded target storing `heapless::Vec<u8, N>` inline pays about `CAP * (N + 16)` and should
-//! pick a small `CAP`.
+//! Without the `alloc` feature messages are stored inline, so a ring costs `CAP * size_of::<T>()`
+//! plus five words whether it holds anything or not; the payload bytes live wherever `T` keeps
+//! them. An embedded target storing `heapless::Vec<u8, N>` inline pays about `CAP * (N + 16)` and
+//! should pick a small `CAP`.
+//!
+//! With the `alloc` feature (std adapters) the queue lives on the heap and grows on demand up to
+//! `CAP`, so a ring that never held anything costs six words and an idle stream costs only its
+//! table entry. The limits, the admission rule and the order are identical in both builds.
 
 use core::fmt;
 
-use heapless::Deque;
+#[cfg(feature = "alloc")]
+type Queue<T, const CAP: usize> = alloc::collections::VecDeque<T>;
+#[cfg(not(feature = "alloc"))]
+type Queue<T, const CAP: usize> = heapless::Deque<T, CAP>;
 
 /// Default per-ring byte budget: 1 MiB.
 pub const DEFAULT_RING_BYTES: usize = 1 << 20;
@@ -74,7 +80,7 @@ impl<T: fmt::Debug> core::error::Error for Full<T> {}
 /// stream (the relay bounds message size separately).
 #[derive(Debug)]
 pub struct Ring<T, const CAP: usize = DEFAULT_RING_MESSAGES> {
-    items: Deque<T, CAP>,
+    items: Queue<T, CAP>,
     bytes: usize,
     byte_budget: usize,
 }
@@ -84,7 +90,7 @@ impl<T: Payload, const CAP: usize> Ring<T, CAP> {
     #[must_use]
     pub const fn new(byte_budget: usize) -> Self {
         Self {
-            items: Deque::new(),
+            items: Queue::new(),
             bytes: 0,
             byte_budget,
         }
@@ -99,7 +105,39 @@ impl<T: Payload, const CAP: usize> Ring<T, CAP> {
             return Err(Full(item));
         }
         let n = item.len();
-        self.items.push_back(item).map_err(Full)?;
+        self.store(item)?;
+        self.bytes += n;
+        Ok(())
+    }
+
+    #[cfg(feature = "alloc")]
+    fn store(&mut self, item: T) -> Result<(), Full<T>> {
+        // Grow by small steps: most streams never queue more than a few messages.
+        if self.items.len() == self.items.capacity() {
+            let want = (self.items.len() * 2).max(4).min(CAP);
+            self.items.reserve_exact(want - self.items.len());
+        }
+        self.items.push_back(item);
+        Ok(())
+    }
+
+    #[cfg(not(feature = "alloc"))]
+    fn store(&mut self, item: T) -> Result<(), Full<T>> {
+        self.items.push_back(item).map_err(Full)
+    }
+
+    /// Queues `item` at the back, checking only the message capacity: for flows whose bytes are
+    /// already bounded by credit (native mode), where the sender may overshoot the byte budget by
+    /// less than one message.
+    ///
+    /// # Errors
+    /// [`Full`] with `item` if `CAP` messages are queued; the ring is unchanged.
+    pub fn push_credited(&mut self, item: T) -> Result<(), Full<T>> {
+        if self.items.len() >= CAP {
+            return Err(Full(item));
+        }
+        let n = item.len();
+        self.store(item)?;
         self.bytes += n;
         Ok(())
     }
@@ -170,7 +208,7 @@ impl<T: Payload, const CAP: usize> Ring<T, CAP> {
     /// Drops everything queued; returns how many messages and bytes were discarded.
     pub fn clear(&mut self) -> (usize, usize) {
         let discarded = (self.items.len(), self.bytes);
-        self.items.clear();
+        self.items = Queue::new();
         self.bytes = 0;
         discarded
     }

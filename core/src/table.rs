@@ -135,14 +135,21 @@ impl<T> Entry<T> {
 
 /// At most `N` live streams, keyed by id, each with a `T`.
 ///
-/// Storage is inline: `N * size_of::<Option<Entry<T>>>()` bytes whether streams are live or not.
-/// Lookups by id scan the slots (`N` is small). Slots are stable: an entry stays in its [`Slot`]
+/// Without the `alloc` feature storage is inline: `N * size_of::<Option<Entry<T>>>()` bytes whether
+/// streams are live or not. With `alloc` the slots live on the heap and grow on demand up to `N`
+/// (never shrinking below the most streams ever live at once), so a large `N` costs nothing until
+/// used. Lookups by id scan the slots in use. Slots are stable: an entry stays in its [`Slot`]
 /// until removed, which makes round-robin scheduling over slots fair.
 #[derive(Debug)]
 pub struct StreamTable<T, const N: usize> {
-    slots: [Option<Entry<T>>; N],
+    slots: Slots<T, N>,
     len: usize,
 }
+
+#[cfg(feature = "alloc")]
+type Slots<T, const N: usize> = alloc::vec::Vec<Option<Entry<T>>>;
+#[cfg(not(feature = "alloc"))]
+type Slots<T, const N: usize> = [Option<Entry<T>>; N];
 
 impl<T, const N: usize> Default for StreamTable<T, N> {
     fn default() -> Self {
@@ -155,6 +162,9 @@ impl<T, const N: usize> StreamTable<T, N> {
     #[must_use]
     pub const fn new() -> Self {
         Self {
+            #[cfg(feature = "alloc")]
+            slots: alloc::vec::Vec::new(),
+            #[cfg(not(feature = "alloc"))]
             slots: [const { None }; N],
             len: 0,
         }
@@ -187,11 +197,15 @@ impl<T, const N: usize> StreamTable<T, N> {
         if self.find(id.as_str()).is_some() {
             return Err(InsertError::Duplicate);
         }
-        let free = self
-            .slots
-            .iter()
-            .position(Option::is_none)
-            .ok_or(InsertError::Full)?;
+        let free = match self.slots.iter().position(Option::is_none) {
+            Some(free) => free,
+            #[cfg(feature = "alloc")]
+            None if self.slots.len() < N => {
+                self.slots.push(None);
+                self.slots.len() - 1
+            }
+            None => return Err(InsertError::Full),
+        };
         self.slots[free] = Some(Entry {
             id,
             state: StreamState::Opening,
@@ -280,23 +294,30 @@ impl<T, const N: usize> StreamTable<T, N> {
     /// Slots of live entries in round-robin order: the first live slot after `after`, wrapping,
     /// ending with `after` itself. With `after == None` the order starts at slot 0.
     pub fn round_robin(&self, after: Option<Slot>) -> impl Iterator<Item = Slot> + '_ {
+        let used = self.slots.len();
         let start = after.map_or(0, |s| s.0 + 1);
-        (0..N)
-            .map(move |k| (start + k) % N.max(1))
+        (0..used)
+            .map(move |k| (start + k) % used.max(1))
             .filter(|&i| self.slots[i].is_some())
             .map(Slot)
     }
 
-    /// The slots of [`iter`](Self::iter), collected so the table can change while they are
-    /// walked.
-    pub(crate) fn live_slots(&self) -> heapless::Vec<Slot, N> {
-        self.iter().map(|(slot, _)| slot).collect()
+    /// Every slot that may hold an entry, in slot order. Holds no borrow, so the table can change
+    /// while they are walked: look each one up and skip empty ones.
+    pub(crate) fn live_slots(&self) -> impl Iterator<Item = Slot> + use<T, N> {
+        (0..self.slots.len()).map(Slot)
     }
 
-    /// The slots of [`round_robin`](Self::round_robin), collected so the table can change while
-    /// they are walked.
-    pub(crate) fn slots_after(&self, after: Option<Slot>) -> heapless::Vec<Slot, N> {
-        self.round_robin(after).collect()
+    /// Every slot that may hold an entry in round-robin order: the one after `after` first,
+    /// wrapping, ending with `after` itself. Holds no borrow, so the table can change while they
+    /// are walked: look each one up and skip empty ones.
+    pub(crate) fn slots_after(
+        &self,
+        after: Option<Slot>,
+    ) -> impl Iterator<Item = Slot> + use<T, N> {
+        let used = self.slots.len();
+        let start = after.map_or(0, |s| s.0 + 1);
+        (0..used).map(move |k| Slot((start + k) % used))
     }
 }
 

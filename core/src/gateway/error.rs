@@ -1,5 +1,7 @@
 //! Errors of the gateway's input calls: one small `Copy` enum per operation.
 
+use crate::credit::CreditError;
+use crate::wire::native::{FrameKind, NativeError};
 use core::fmt;
 
 use crate::relay::RequestError;
@@ -50,6 +52,13 @@ pub enum TunnelError {
     /// The message does not fit its stream: a response message for a WebSocket stream (or the
     /// reverse), or a second start acknowledgement or response header.
     Unexpected,
+    /// A native frame is malformed (native mode only).
+    Native(NativeError),
+    /// A native frame of a kind only the control plane sends (`start`) came from the agent.
+    UnexpectedFrame(FrameKind),
+    /// Data arrived for a stream whose sender had no credit left (native mode): the stream is
+    /// closed with 1008, others are untouched.
+    Credit(CreditError),
 }
 
 impl fmt::Display for TunnelError {
@@ -73,6 +82,11 @@ impl fmt::Display for TunnelError {
             Self::UnknownType => f.write_str("unknown message type"),
             Self::UnknownStream => f.write_str("unknown stream id"),
             Self::Unexpected => f.write_str("message does not fit the stream's state or kind"),
+            Self::Native(e) => write!(f, "invalid native frame: {e}"),
+            Self::UnexpectedFrame(kind) => {
+                write!(f, "native {kind} frame is not sent to a control plane")
+            }
+            Self::Credit(e) => fmt::Display::fmt(e, f),
         }
     }
 }
@@ -82,6 +96,8 @@ impl core::error::Error for TunnelError {
         match self {
             Self::Decode(e) => Some(e),
             Self::Frame(e) => Some(e),
+            Self::Native(e) => Some(e),
+            Self::Credit(e) => Some(e),
             _ => None,
         }
     }

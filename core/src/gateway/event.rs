@@ -140,4 +140,9 @@ pub struct Stats {
     pub bytes_to_agent: u64,
     /// Payload bytes handed to clients (WebSocket data and response bodies).
     pub bytes_to_client: u64,
+    /// Times a native stream had data for the agent and no credit (the agent's upstream was
+    /// slower than the client).
+    pub credit_stalls: u64,
+    /// Total time native streams spent with data for the agent and no credit, in microseconds.
+    pub credit_blocked_micros: u64,
 }

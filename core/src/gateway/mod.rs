@@ -68,6 +68,12 @@
 //!   refused with [`TunnelError::Blocked`] *without being consumed* and [`Event::PauseTunnelReads`]
 //!   is emitted (head-of-line blocking, counted in [`Stats::tunnel_pauses`]); hand the same message
 //!   in again after [`Event::ResumeTunnelReads`].
+//! * Native mode (both ends advertised [`Extensions::native`]): streams travel as binary frames
+//!   with per-stream credit (see [`crate::credit`]): the agent only sends what the stream's ring
+//!   can take, so the tunnel is never paused; a stream without credit waits (counted in
+//!   [`Stats::credit_stalls`] and [`Stats::credit_blocked_micros`]) while the others keep flowing.
+//! * Scheduling: small messages (at most [`crate::credit::INTERACTIVE_MAX`] bytes: tty input,
+//!   resizes) go out before bulk data; streams share the tunnel round-robin within each class.
 //!
 //! # Bad input
 //!
@@ -80,6 +86,7 @@ mod config;
 mod error;
 mod event;
 mod headers;
+mod native;
 mod stream;
 pub mod tcp;
 
@@ -90,6 +97,7 @@ use core::fmt::Write as _;
 
 use heapless::{Deque, String};
 
+use crate::credit::Credit;
 use crate::flow::TunnelPause;
 use crate::keepalive::Keepalive;
 use crate::recent::RecentlyClosed;
@@ -190,6 +198,8 @@ struct Session {
     registered: bool,
     extensions: Extensions,
     owe_registered: bool,
+    /// Native stream numbers handed out on this tunnel (never reused).
+    last_wire: u32,
     /// Ping and read-deadline timers.
     keepalive: Keepalive,
 }
@@ -199,10 +209,10 @@ struct Session {
 ///
 /// # Memory
 ///
-/// Everything is inline: about `STREAMS * (2 * RING * size_of::<Message<M>>() + 400)` bytes plus
-/// about 6 KiB of session state. With `bytes::Bytes` as the buffer (a 40-byte `Message`) and the
-/// default `RING` of 100, a gateway for 64 streams is about 550 KiB: box it on the tokio side (and
-/// build it on a thread with a large stack: a debug build copies it on its way into the box).
+/// Without tether-core's `alloc` feature everything is inline: about
+/// `STREAMS * (2 * RING * size_of::<Message<M>>() + 500)` bytes plus about 6 KiB of session state
+/// (box it). With `alloc` (std adapters) the table and the rings live on the heap and grow with
+/// use, so `STREAMS` is only a limit and an idle tunnel costs a few KiB.
 pub struct Gateway<M, const STREAMS: usize, const RING: usize = DEFAULT_RING_MESSAGES> {
     config: Config,
     streams: StreamTable<StreamData<M, RING>, STREAMS>,
@@ -327,17 +337,29 @@ impl<M: PayloadBuf, const STREAMS: usize, const RING: usize> Gateway<M, STREAMS,
             headers: &headers,
             protocol: (!req.protocols.is_empty()).then_some(WireStr::Plain(req.protocols)),
         };
-        let start = self.encode_start(&message, req.id, unix_time, scratch)?;
-        let data = StreamData::new(
+        let native = self.session.extensions.native;
+        let (start, wire) = if native {
+            self.encode_native_start(&message, scratch)?
+        } else {
+            (self.encode_start(&message, req.id, unix_time, scratch)?, 0)
+        };
+        let mut data = StreamData::new(
             StreamKind::WebSocket,
             start,
             self.config.ring_bytes,
             now + self.config.start_timeout,
         );
+        if native {
+            data.wire = wire;
+            data.credit = Credit::new(RING, self.config.ring_bytes);
+        }
         let slot = self.insert(id, data)?;
+        if native {
+            self.session.last_wire = wire;
+        }
         self.stats.streams_opened += 1;
         info!("stream {}: start {}", req.id, req.path);
-        if !self.session.extensions.websocket_started {
+        if !self.session.extensions.websocket_started && !native {
             // A PipeOps agent never acknowledges: start optimistically with the first offer.
             let first = req.protocols.split(',').next().unwrap_or_default().trim();
             if let Some(entry) = self.streams.at_mut(slot) {
@@ -548,6 +570,9 @@ impl<M: PayloadBuf, const STREAMS: usize, const RING: usize> Gateway<M, STREAMS,
             return None;
         }
         let message = d.to_client.pop()?;
+        if d.is_native() {
+            d.credit.on_consumed(message.payload.len());
+        }
         self.stats.bytes_to_client += message.payload.len() as u64;
         self.check_unblock();
         Some(message)
@@ -574,6 +599,9 @@ impl<M: PayloadBuf, const STREAMS: usize, const RING: usize> Gateway<M, STREAMS,
         self.handle_tunnel_activity(now);
         if self.replies.is_full() {
             return Err(self.block(Blocker::Replies));
+        }
+        if self.session.extensions.native && crate::wire::native::is_native(frame) {
+            return self.handle_native(now, frame);
         }
         let limits = Limits {
             max_len: usize::MAX,
@@ -608,6 +636,7 @@ impl<M: PayloadBuf, const STREAMS: usize, const RING: usize> Gateway<M, STREAMS,
                     websocket_close_code: ours.websocket_close_code
                         && extensions.websocket_close_code,
                     proxy_error_status: ours.proxy_error_status && extensions.proxy_error_status,
+                    native: ours.native && extensions.native,
                 };
                 let request_id = reply_id(env.request_id);
                 info!(
@@ -699,24 +728,34 @@ impl<M: PayloadBuf, const STREAMS: usize, const RING: usize> Gateway<M, STREAMS,
         let Some(slot) = self.lookup(id) else {
             return self.unknown_stream(id);
         };
+        let subprotocol: String<MAX_SUBPROTOCOL> =
+            protocol.map(|p| truncated(p.chars())).unwrap_or_default();
+        self.started_at(slot, subprotocol)
+    }
+
+    /// The agent acknowledged the start of `slot` with `subprotocol`.
+    fn started_at<'a>(
+        &mut self,
+        slot: Slot,
+        subprotocol: String<MAX_SUBPROTOCOL>,
+    ) -> Result<Handled<'a>, TunnelError> {
         let Some(entry) = self.streams.at_mut(slot) else {
             return Err(TunnelError::UnknownStream);
         };
+        let name = truncated(entry.id().as_str().chars());
         if entry.value.kind != StreamKind::WebSocket {
-            return Err(self.reject(Some(id), TunnelError::Unexpected, false));
+            return Err(self.reject_named(name, TunnelError::Unexpected, false));
         }
         match entry.state() {
             StreamState::Opening => {}
             // The client went away meanwhile: our close is queued or sent.
             StreamState::Closing => return Ok(Handled::Consumed),
-            _ => return Err(self.reject(Some(id), TunnelError::Unexpected, false)),
+            _ => return Err(self.reject_named(name, TunnelError::Unexpected, false)),
         }
         let d = &mut entry.value;
-        let subprotocol: String<MAX_SUBPROTOCOL> =
-            protocol.map(|p| truncated(p.chars())).unwrap_or_default();
         info!(
             "stream {}: started, subprotocol {}",
-            id,
+            name.as_str(),
             subprotocol.as_str()
         );
         d.owe_started = Some(subprotocol);
@@ -746,8 +785,20 @@ impl<M: PayloadBuf, const STREAMS: usize, const RING: usize> Gateway<M, STREAMS,
             }
             return Handled::Consumed;
         };
+        self.agent_error_at(slot, message, status);
+        Handled::Consumed
+    }
+
+    /// The agent reported an error for `slot`: fails the stream before its start, or makes its
+    /// coming close an error.
+    fn agent_error_at(
+        &mut self,
+        slot: Slot,
+        message: String<MAX_FAILURE_MESSAGE>,
+        status: Option<u16>,
+    ) {
         let Some(entry) = self.streams.at_mut(slot) else {
-            return Handled::Consumed;
+            return;
         };
         let state = entry.state();
         warn!(
@@ -758,7 +809,7 @@ impl<M: PayloadBuf, const STREAMS: usize, const RING: usize> Gateway<M, STREAMS,
         );
         let d = &mut entry.value;
         if !d.client_alive {
-            return Handled::Consumed;
+            return;
         }
         let head_sent = state != StreamState::Opening;
         if !head_sent {
@@ -791,7 +842,6 @@ impl<M: PayloadBuf, const STREAMS: usize, const RING: usize> Gateway<M, STREAMS,
                 self.settle(slot);
             }
         }
-        Handled::Consumed
     }
 
     fn on_data<'a>(
@@ -855,7 +905,8 @@ impl<M: PayloadBuf, const STREAMS: usize, const RING: usize> Gateway<M, STREAMS,
             debug!("stream {}: data for an ended client discarded", entry.id());
             return Ok(Handled::Consumed);
         }
-        if !d.to_client.can_accept(payload.len()) {
+        let native = d.is_native();
+        if !native && !d.to_client.can_accept(payload.len()) {
             let blocker = Blocker::Stream {
                 id: entry.id().clone(),
                 bytes: payload.len(),
@@ -871,8 +922,15 @@ impl<M: PayloadBuf, const STREAMS: usize, const RING: usize> Gateway<M, STREAMS,
             return Err(error);
         };
         let was_empty = d.to_client.is_empty();
-        if d.to_client.push(Message { kind, payload }).is_err() {
-            // Unreachable: admission was checked above. Refuse rather than lose it.
+        let message = Message { kind, payload };
+        // Native: credit bounds the ring (a message of credit never exceeds its capacity).
+        let pushed = if native {
+            d.to_client.push_credited(message)
+        } else {
+            d.to_client.push(message)
+        };
+        if pushed.is_err() {
+            // Unreachable: admission (or credit) was checked above. Refuse rather than lose it.
             return Err(TunnelError::Blocked);
         }
         if was_empty && !opening {
@@ -1173,7 +1231,16 @@ impl<M: PayloadBuf, const STREAMS: usize, const RING: usize> Gateway<M, STREAMS,
     /// Logs `error`, counts it and, for a malformed message, queues an `error` reply (a reply slot
     /// was reserved on entry).
     fn reject(&mut self, id: Option<JsonStr<'_>>, error: TunnelError, reply: bool) -> TunnelError {
-        let request_id: String<MAX_REPLY_ID> = reply_id(id);
+        self.reject_named(reply_id(id), error, reply)
+    }
+
+    /// [`reject`](Self::reject) for a message named by `request_id`.
+    fn reject_named(
+        &mut self,
+        request_id: String<MAX_REPLY_ID>,
+        error: TunnelError,
+        reply: bool,
+    ) -> TunnelError {
         warn!(
             "agent message for {} rejected: {}",
             request_id.as_str(),
@@ -1446,10 +1513,16 @@ impl<M: PayloadBuf, const STREAMS: usize, const RING: usize> Gateway<M, STREAMS,
                 return Ok(Some(n));
             }
         }
-        for slot in self.streams.slots_after(self.data_cursor) {
-            if let Some(n) = self.transmit_data(slot, unix_time, buf)? {
-                self.data_cursor = Some(slot);
-                return Ok(Some(n));
+        // Interactive messages (small ones) first, then everything, round-robin both times.
+        for interactive in [true, false] {
+            for slot in self.streams.slots_after(self.data_cursor) {
+                if interactive && !self.is_interactive(slot) {
+                    continue;
+                }
+                if let Some(n) = self.transmit_data(slot, now, unix_time, buf)? {
+                    self.data_cursor = Some(slot);
+                    return Ok(Some(n));
+                }
             }
         }
         Ok(None)
@@ -1505,6 +1578,9 @@ impl<M: PayloadBuf, const STREAMS: usize, const RING: usize> Gateway<M, STREAMS,
             d.start = None;
             return Ok(Some(n));
         }
+        if d.is_native() {
+            return self.transmit_native_control(slot, buf);
+        }
         let id = WireStr::Plain(stream.as_str());
         if let Some(close) = d.owe_agent_close.as_ref().filter(|_| d.to_agent.is_empty()) {
             let n = if d.kind == StreamKind::Tcp {
@@ -1538,14 +1614,18 @@ impl<M: PayloadBuf, const STREAMS: usize, const RING: usize> Gateway<M, STREAMS,
     fn transmit_data(
         &mut self,
         slot: Slot,
+        now: Instant,
         unix: UnixTime,
         buf: &mut [u8],
     ) -> Result<Option<usize>, TransmitError> {
         let Some(entry) = self.streams.at(slot) else {
             return Ok(None);
         };
-        if entry.value.start.is_some() {
+        if entry.value.start.is_some() || entry.value.to_agent.is_empty() {
             return Ok(None);
+        }
+        if entry.value.is_native() {
+            return self.transmit_native_data(slot, now, buf);
         }
         let Some(message) = entry.value.to_agent.front() else {
             return Ok(None);
@@ -1570,6 +1650,13 @@ impl<M: PayloadBuf, const STREAMS: usize, const RING: usize> Gateway<M, STREAMS,
             .encode(Some(id), unix, buf)?
         };
         self.stats.bytes_to_agent += bytes.len() as u64;
+        self.sent_front(slot);
+        Ok(Some(n))
+    }
+
+    /// The front message toward the agent of `slot` was encoded: drops it and lets the client be
+    /// read again once the ring is below half.
+    fn sent_front(&mut self, slot: Slot) {
         if let Some(entry) = self.streams.at_mut(slot) {
             let d = &mut entry.value;
             d.to_agent.pop();
@@ -1578,7 +1665,6 @@ impl<M: PayloadBuf, const STREAMS: usize, const RING: usize> Gateway<M, STREAMS,
                 d.flow = Some(Flow::Resume);
             }
         }
-        Ok(Some(n))
     }
 
     // ---------------------------------------------------------------------------------------------

@@ -2,6 +2,7 @@
 
 use heapless::String;
 
+use crate::credit::Credit;
 use crate::relay::{Close, MAX_FAILURE_MESSAGE, MAX_SUBPROTOCOL, Message};
 use crate::ring::{Payload, Ring};
 use crate::time::Instant;
@@ -67,6 +68,10 @@ pub(crate) struct StreamData<M, const RING: usize> {
     pub(crate) flow: Option<Flow>,
     /// Start deadline while opening.
     pub(crate) deadline: Option<Instant>,
+    /// The stream's number on the tunnel in native mode; 0 for a compat stream.
+    pub(crate) wire: u32,
+    /// Credit windows (native mode only).
+    pub(crate) credit: Credit,
 }
 
 impl<M: Payload, const RING: usize> StreamData<M, RING> {
@@ -92,7 +97,14 @@ impl<M: Payload, const RING: usize> StreamData<M, RING> {
             reading_stopped: false,
             flow: None,
             deadline: Some(deadline),
+            wire: 0,
+            credit: Credit::ZERO,
         }
+    }
+
+    /// Whether the stream speaks the native wire mode.
+    pub(crate) const fn is_native(&self) -> bool {
+        self.wire != 0
     }
 
     /// Whether nothing is owed to either side any more (the stream may be freed once closing).

@@ -340,14 +340,18 @@ fn golden_register_success_advertises_extensions() {
     assert_eq!(
         h.sent[0].raw,
         format!(
-            r#"{{"type":"register_success","request_id":"req_1_a1","payload":{{"cluster_id":"c1","extensions":{{"websocket_started":true,"websocket_close_code":true,"proxy_error_status":true}}}},"timestamp":"{STAMP}"}}"#
+            r#"{{"type":"register_success","request_id":"req_1_a1","payload":{{"cluster_id":"c1","extensions":{{"websocket_started":true,"websocket_close_code":true,"proxy_error_status":true,"native_frames":true}}}},"timestamp":"{STAMP}"}}"#
         )
     );
+    // The test agent offers the compat extensions only.
     assert_eq!(
         h.events,
         [Event::Registered {
             agent_id: s("a1"),
-            extensions: Extensions::ALL
+            extensions: Extensions {
+                native: false,
+                ..Extensions::ALL
+            }
         }]
     );
     assert!(h.gw.is_registered());

@@ -2,9 +2,11 @@
 
 use core::fmt;
 
+use crate::credit::CreditError;
 use crate::stream_id::StreamIdError;
 use crate::table::TransitionError;
 use crate::wire::error::{DecodeError, EncodeError, FrameError};
+use crate::wire::native::{FrameKind, NativeError};
 
 use super::validate::RequestError;
 
@@ -60,6 +62,14 @@ pub enum TunnelError {
     StreamId(StreamIdError),
     /// The start request's path, query, headers or subprotocols are refused.
     Request(RequestError),
+    /// A native frame is malformed (native mode only).
+    Native(NativeError),
+    /// A native frame of a kind only the agent sends (`started`, `error`) came from the control
+    /// plane.
+    UnexpectedFrame(FrameKind),
+    /// Data arrived for a stream whose sender had no credit left (native mode): the stream is
+    /// closed with 1008, others are untouched.
+    Credit(CreditError),
 }
 
 impl fmt::Display for TunnelError {
@@ -85,6 +95,11 @@ impl fmt::Display for TunnelError {
             Self::TooManyStreams => f.write_str("too many streams"),
             Self::StreamId(e) => write!(f, "invalid stream id: {e}"),
             Self::Request(e) => fmt::Display::fmt(e, f),
+            Self::Native(e) => write!(f, "invalid native frame: {e}"),
+            Self::UnexpectedFrame(kind) => {
+                write!(f, "native {kind} frame is not sent to an agent")
+            }
+            Self::Credit(e) => fmt::Display::fmt(e, f),
         }
     }
 }
@@ -96,6 +111,8 @@ impl core::error::Error for TunnelError {
             Self::Frame(e) => Some(e),
             Self::StreamId(e) => Some(e),
             Self::Request(e) => Some(e),
+            Self::Native(e) => Some(e),
+            Self::Credit(e) => Some(e),
             _ => None,
         }
     }

@@ -51,6 +51,13 @@
 //!   [`Event::PauseTunnelReads`] is emitted; the adapter stops reading the tunnel (head-of-line
 //!   blocking for every stream, counted in [`Stats::tunnel_pauses`]) and hands the same message in
 //!   again after [`Event::ResumeTunnelReads`], which comes once the ring can take it.
+//! * Native mode (both ends advertised [`Extensions::native`]): streams travel as binary frames
+//!   with per-stream credit (see [`crate::credit`] and the `native` module): the control plane
+//!   only sends what the stream's ring can take, so the tunnel is never paused; a stream without
+//!   credit waits (counted in [`Stats::credit_stalls`] and [`Stats::credit_blocked_micros`]) while
+//!   the others keep flowing.
+//! * Scheduling: small messages (at most [`crate::credit::INTERACTIVE_MAX`] bytes: tty input,
+//!   resizes) go out before bulk data; streams share the tunnel round-robin within each class.
 //!
 //! # Bad input
 //!
@@ -68,6 +75,7 @@
 mod config;
 mod error;
 mod event;
+mod native;
 mod session;
 mod stream;
 mod tcp;
@@ -143,6 +151,11 @@ pub struct Stats {
     pub late_messages: u64,
     /// Queued messages discarded because their destination closed first.
     pub discarded_messages: u64,
+    /// Times a native stream had data to send and no credit (its consumer on the control plane
+    /// was slower than its producer).
+    pub credit_stalls: u64,
+    /// Total time native streams spent with data to send and no credit, in microseconds.
+    pub credit_blocked_micros: u64,
 }
 
 /// A validated `proxy_websocket_start`, borrowing the tunnel message. Dial the upstream from it
@@ -221,12 +234,14 @@ enum Reply {
 ///
 /// # Memory
 ///
-/// Everything is inline: about `STREAMS * (2 * RING * size_of::<Message<M>>() + 600)` bytes plus
-/// about 4.5 KiB of session and reply state, whether streams are live or not. With a 24-byte owned
-/// buffer (`Message<M>` = 32 bytes) and the default `RING` of 100, each stream slot costs about
-/// 7 KiB; a relay for 64 streams is about 450 KiB (box it on the tokio side). An embedded build
-/// storing `heapless::Vec<u8, 512>` with `RING = 4` costs about 4.8 KiB per stream. The
-/// `memory_footprint_matches_the_docs` test pins these figures.
+/// Without tether-core's `alloc` feature everything is inline: about
+/// `STREAMS * (2 * RING * size_of::<Message<M>>() + 700)` bytes plus about 4.5 KiB of session and
+/// reply state, whether streams are live or not. With a 24-byte owned buffer (`Message<M>` = 32
+/// bytes) and the default `RING` of 100 each stream slot costs about 7 KiB; an embedded build
+/// storing `heapless::Vec<u8, 512>` with `RING = 4` costs about 4.8 KiB per stream. With `alloc`
+/// (std adapters) the table and the rings live on the heap and grow with use: a slot is about
+/// 800 bytes plus what its rings hold, and `STREAMS` is only a limit. The
+/// `memory_footprint_matches_the_docs` tests pin these figures.
 pub struct Relay<M, const STREAMS: usize, const RING: usize = DEFAULT_RING_MESSAGES> {
     config: Config,
     streams: StreamTable<StreamData<M, RING>, STREAMS>,
@@ -251,6 +266,8 @@ impl Stats {
         control_frames_dropped: 0,
         late_messages: 0,
         discarded_messages: 0,
+        credit_stalls: 0,
+        credit_blocked_micros: 0,
     };
 }
 
@@ -398,6 +415,9 @@ impl<M: PayloadBuf, const STREAMS: usize, const RING: usize> Relay<M, STREAMS, R
         if self.replies.is_full() {
             return Err(self.block(Blocker::Replies));
         }
+        if self.session.extensions.native && crate::wire::native::is_native(frame) {
+            return self.handle_native(now, frame);
+        }
         // Parse without the size limit so an oversize message can still be answered by stream id.
         let limits = Limits {
             max_len: usize::MAX,
@@ -448,6 +468,7 @@ impl<M: PayloadBuf, const STREAMS: usize, const RING: usize> Relay<M, STREAMS, R
                     websocket_started: ours.websocket_started && theirs.websocket_started,
                     websocket_close_code: ours.websocket_close_code && theirs.websocket_close_code,
                     proxy_error_status: ours.proxy_error_status && theirs.proxy_error_status,
+                    native: ours.native && theirs.native,
                 };
                 s.owe_registered = true;
                 s.next_heartbeat = Some(now + self.config.heartbeat_interval);
@@ -601,8 +622,9 @@ impl<M: PayloadBuf, const STREAMS: usize, const RING: usize> Relay<M, STREAMS, R
             debug!("stream {}: data after close discarded", entry.id());
             return Ok(Handled::Consumed);
         }
+        let native = entry.value.is_native();
         let ring = &mut entry.value.to_upstream;
-        if !ring.can_accept(payload.len()) {
+        if !native && !ring.can_accept(payload.len()) {
             let blocker = Blocker::Stream {
                 id: entry.id().clone(),
                 bytes: payload.len(),
@@ -616,8 +638,15 @@ impl<M: PayloadBuf, const STREAMS: usize, const RING: usize> Relay<M, STREAMS, R
             return Err(self.reject_stream(&id, error));
         };
         let was_empty = ring.is_empty();
-        if ring.push(Message { kind, payload }).is_err() {
-            // Unreachable: admission was checked above. Refuse rather than lose it.
+        let message = Message { kind, payload };
+        // Native: credit bounds the ring (a message of credit never exceeds its capacity).
+        let pushed = if native {
+            ring.push_credited(message)
+        } else {
+            ring.push(message)
+        };
+        if pushed.is_err() {
+            // Unreachable: admission (or credit) was checked above. Refuse rather than lose it.
             return Err(TunnelError::Blocked);
         }
         if was_empty && entry.state() == StreamState::Open {
@@ -891,7 +920,8 @@ impl<M: PayloadBuf, const STREAMS: usize, const RING: usize> Relay<M, STREAMS, R
         if let stream::Kind::WebSocket { subprotocol: kept } = &mut d.kind {
             *kept = truncated(subprotocol.unwrap_or_default().chars());
         }
-        d.owe_started = ack && !d.is_tcp();
+        // Native streams are always acknowledged: the start frame's answer carries the subprotocol.
+        d.owe_started = (ack || d.is_native()) && !d.is_tcp();
         d.owe_readable = !d.to_upstream.is_empty();
         info!(
             "stream {}: upstream open, subprotocol {}",
@@ -1045,6 +1075,9 @@ impl<M: PayloadBuf, const STREAMS: usize, const RING: usize> Relay<M, STREAMS, R
             return None;
         }
         let message = d.to_upstream.pop()?;
+        if d.is_native() {
+            d.credit.on_consumed(message.payload.len());
+        }
         self.check_unblock();
         Some(message)
     }
@@ -1217,10 +1250,16 @@ impl<M: PayloadBuf, const STREAMS: usize, const RING: usize> Relay<M, STREAMS, R
             self.session.heartbeat_pending = false;
             return Ok(Some(n));
         }
-        for slot in self.streams.slots_after(self.data_cursor) {
-            if let Some(n) = self.transmit_data(slot, unix_time, buf)? {
-                self.data_cursor = Some(slot);
-                return Ok(Some(n));
+        // Interactive messages (small ones) first, then everything, round-robin both times.
+        for interactive in [true, false] {
+            for slot in self.streams.slots_after(self.data_cursor) {
+                if interactive && !self.is_interactive(slot) {
+                    continue;
+                }
+                if let Some(n) = self.transmit_data(slot, now, unix_time, buf)? {
+                    self.data_cursor = Some(slot);
+                    return Ok(Some(n));
+                }
             }
         }
         Ok(None)
@@ -1239,6 +1278,9 @@ impl<M: PayloadBuf, const STREAMS: usize, const RING: usize> Relay<M, STREAMS, R
         };
         if entry.value.is_tcp() {
             return self.transmit_tcp_control(slot, now, unix, buf);
+        }
+        if entry.value.is_native() {
+            return self.transmit_native_control(slot, buf);
         }
         let id = WireStr::Plain(entry.id().as_str());
         let d = &entry.value;
@@ -1296,12 +1338,19 @@ impl<M: PayloadBuf, const STREAMS: usize, const RING: usize> Relay<M, STREAMS, R
     fn transmit_data(
         &mut self,
         slot: Slot,
+        now: Instant,
         unix: UnixTime,
         buf: &mut [u8],
     ) -> Result<Option<usize>, TransmitError> {
         let Some(entry) = self.streams.at(slot) else {
             return Ok(None);
         };
+        if entry.value.to_tunnel.is_empty() {
+            return Ok(None);
+        }
+        if entry.value.is_native() {
+            return self.transmit_native_data(slot, now, buf);
+        }
         let Some(message) = entry.value.to_tunnel.front() else {
             return Ok(None);
         };
@@ -1321,6 +1370,13 @@ impl<M: PayloadBuf, const STREAMS: usize, const RING: usize> Relay<M, STREAMS, R
             }
             .encode(Some(id), unix, buf)?
         };
+        self.sent_front(slot);
+        Ok(Some(n))
+    }
+
+    /// The front message toward the tunnel of `slot` was encoded: drops it and lets the upstream
+    /// be read again once the ring is below half.
+    fn sent_front(&mut self, slot: Slot) {
         if let Some(entry) = self.streams.at_mut(slot) {
             let d = &mut entry.value;
             let len = d.to_tunnel.front().map_or(0, |m| m.payload.len());
@@ -1333,7 +1389,6 @@ impl<M: PayloadBuf, const STREAMS: usize, const RING: usize> Relay<M, STREAMS, R
                 d.flow = Some(Flow::Resume);
             }
         }
-        Ok(Some(n))
     }
 
     fn encode_register(&self, unix: UnixTime, buf: &mut [u8]) -> Result<usize, TransmitError> {

@@ -73,6 +73,8 @@ pub(crate) struct Session {
     pub(crate) cluster_id: String<64>,
     /// Extensions in use: offered by the agent and advertised by the control plane.
     pub(crate) extensions: Extensions,
+    /// Highest native stream number started on this session (numbers are never reused).
+    pub(crate) highest_wire: u32,
     pub(crate) owe_registered: bool,
     pub(crate) heartbeat_pending: bool,
     pub(crate) next_heartbeat: Option<Instant>,
@@ -89,6 +91,7 @@ impl Session {
             registered: false,
             cluster_id: String::new(),
             extensions: Extensions::NONE,
+            highest_wire: 0,
             owe_registered: false,
             heartbeat_pending: false,
             next_heartbeat: None,

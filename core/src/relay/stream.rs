@@ -2,6 +2,7 @@
 
 use heapless::String;
 
+use crate::credit::Credit;
 use crate::ring::{Payload, Ring};
 use crate::time::Instant;
 
@@ -63,6 +64,10 @@ pub(crate) struct StreamData<M, const RING: usize> {
     pub(crate) flow: Option<Flow>,
     /// Dial deadline while opening; close deadline while waiting for the upstream to close.
     pub(crate) deadline: Option<Instant>,
+    /// The stream's number on the tunnel in native mode; 0 for a compat stream.
+    pub(crate) wire: u32,
+    /// Credit windows (native mode only).
+    pub(crate) credit: Credit,
 }
 
 impl<M: Payload, const RING: usize> StreamData<M, RING> {
@@ -84,7 +89,14 @@ impl<M: Payload, const RING: usize> StreamData<M, RING> {
             reading_stopped: false,
             flow: None,
             deadline: Some(dial_deadline),
+            wire: 0,
+            credit: Credit::ZERO,
         }
+    }
+
+    /// Whether the stream speaks the native wire mode.
+    pub(crate) const fn is_native(&self) -> bool {
+        self.wire != 0
     }
 
     /// Whether this is a raw TCP tunnel.

@@ -93,7 +93,7 @@ impl<'a> Envelope<'a> {
 /// (control plane to agent) and of `register` (agent to control plane):
 ///
 /// ```json
-/// "extensions": {"websocket_started": true, "websocket_close_code": true, "proxy_error_status": true}
+/// "extensions": {"websocket_started": true, "websocket_close_code": true, "proxy_error_status": true, "native_frames": true}
 /// ```
 ///
 /// A missing object or member means "not supported" (a PipeOps peer sends none). Unknown
@@ -109,6 +109,9 @@ pub struct Extensions {
     pub websocket_close_code: bool,
     /// `proxy_error` carries `status`, the upstream HTTP status that refused a request.
     pub proxy_error_status: bool,
+    /// Binary native frames (see [`wire::native`](crate::wire::native)) with per-stream
+    /// credit once both ends advertise it. Member `"native_frames"`.
+    pub native: bool,
 }
 
 impl Extensions {
@@ -117,12 +120,14 @@ impl Extensions {
         websocket_started: false,
         websocket_close_code: false,
         proxy_error_status: false,
+        native: false,
     };
     /// Every extension this version knows.
     pub const ALL: Self = Self {
         websocket_started: true,
         websocket_close_code: true,
         proxy_error_status: true,
+        native: true,
     };
 
     /// Reads the `extensions` member of a payload.
@@ -131,15 +136,17 @@ impl Extensions {
         let Some(obj) = opt_object(payload.get(F), F)? else {
             return Ok(Self::NONE);
         };
-        let [a, b, c] = obj.fields([
+        let [a, b, c, d] = obj.fields([
             "websocket_started",
             "websocket_close_code",
             "proxy_error_status",
+            "native_frames",
         ]);
         Ok(Self {
             websocket_started: opt_bool(a, F)?,
             websocket_close_code: opt_bool(b, F)?,
             proxy_error_status: opt_bool(c, F)?,
+            native: opt_bool(d, F)?,
         })
     }
 }

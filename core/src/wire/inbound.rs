@@ -677,7 +677,7 @@ fn proxy_request(p: JsonObject<'_>) -> Result<ProxyRequest<'_>, DecodeError> {
     })
 }
 
-fn websocket_start(p: JsonObject<'_>) -> Result<WebSocketStart<'_>, DecodeError> {
+pub(crate) fn websocket_start(p: JsonObject<'_>) -> Result<WebSocketStart<'_>, DecodeError> {
     let [
         stream_id,
         cluster_uuid,

@@ -7,6 +7,8 @@
 //! * [`DataFrame`]: `[opcode][payload]` ⇄ standard base64, into caller buffers; [`b64`] has
 //!   the length math.
 //! * [`UnixTime`]: caller-supplied time and its RFC 3339 form.
+//! * [`native`]: the native wire mode's binary frames ([`NativeFrame`]), used once both ends
+//!   advertise [`Extensions::native`].
 //!
 //! Nothing here allocates or reads a clock. Inbound views borrow the received frame; outbound
 //! encoders borrow their inputs and write each byte of output once.
@@ -23,6 +25,7 @@ pub mod frame;
 pub mod headers;
 pub mod inbound;
 pub mod json;
+pub mod native;
 pub mod outbound;
 pub mod timestamp;
 
@@ -37,6 +40,7 @@ pub use inbound::{
     UdpTunnelData, WebSocketClose, WebSocketData, WebSocketStart,
 };
 pub use json::{JsonStr, WireStr};
+pub use native::{DataKind, FrameKind, NativeError, NativeFrame, StartRequest};
 pub use outbound::{
     Features, Heartbeat, Outbound, ProtocolFallback, Register, TcpTunnelClose, TunnelPorts,
 };

@@ -377,7 +377,8 @@ fn other_inbound_types() {
         Extensions {
             websocket_started: true,
             websocket_close_code: false,
-            proxy_error_status: true
+            proxy_error_status: true,
+            native: false,
         }
     );
     let Inbound::RegisterSuccess(r) =

@@ -4,6 +4,7 @@ mod control;
 mod envelope;
 mod frame;
 mod json;
+mod native;
 mod outbound;
 mod prop;
 mod timestamp;

@@ -1,0 +1,258 @@
+//! The gateway's native wire mode: binary frames in and out, per-stream credit.
+//!
+//! Used once both ends advertised the `native` extension at registration. WebSocket streams then
+//! travel as [`NativeFrame`]s: the gateway sends `start`, `data`, `close` and `credit`; the agent
+//! sends `started`, `error`, `data`, `close` and `credit`. Registration, heartbeats, HTTP
+//! requests, TCP tunnels and error replies stay JSON envelopes. Flow control follows
+//! [`crate::credit`]: the tunnel reader is never paused for a native stream.
+
+use heapless::String;
+
+use crate::credit::INTERACTIVE_MAX;
+use crate::relay::{Close, MessageKind, PayloadBuf};
+use crate::table::{Slot, StreamState};
+use crate::text::truncated;
+use crate::time::Instant;
+use crate::wire::ControlMessage;
+use crate::wire::native::{self, DataKind, FrameKind, NativeError, NativeFrame, StartRequest};
+
+use super::{Gateway, Handled, MAX_REPLY_ID, OpenError, TransmitError, TunnelError};
+
+impl<M: PayloadBuf, const STREAMS: usize, const RING: usize> Gateway<M, STREAMS, RING> {
+    /// Whether this tunnel speaks the native wire mode (both ends advertised it).
+    #[must_use]
+    pub const fn is_native(&self) -> bool {
+        self.session.extensions.native
+    }
+
+    /// Encodes a native start frame for `message` under the next stream number.
+    pub(super) fn encode_native_start(
+        &self,
+        message: &ControlMessage<'_>,
+        scratch: &mut [u8],
+    ) -> Result<(M, u32), OpenError> {
+        let wire = self
+            .session
+            .last_wire
+            .checked_add(1)
+            .ok_or(OpenError::TooManyStreams)?;
+        let Some(start) = StartRequest::from_control(message) else {
+            return Err(OpenError::TooLarge { needed: 0 });
+        };
+        let n = match native::encode_start(scratch, wire, &start) {
+            Ok(n) => n,
+            Err(crate::wire::EncodeError::BufferTooSmall { needed }) => {
+                return Err(OpenError::TooLarge { needed });
+            }
+            Err(e) => return Err(OpenError::Encode(e)),
+        };
+        if n > self.max_transmit_len() {
+            return Err(OpenError::TooLarge { needed: n });
+        }
+        let start = M::from_slice(&scratch[..n]).ok_or(OpenError::PayloadRefused { len: n })?;
+        Ok((start, wire))
+    }
+
+    /// Handles one native frame from the agent.
+    pub(super) fn handle_native<'a>(
+        &mut self,
+        now: Instant,
+        frame: &'a [u8],
+    ) -> Result<Handled<'a>, TunnelError> {
+        let frame = match NativeFrame::decode(frame, self.config.max_message) {
+            Ok(frame) => frame,
+            Err(e) => return Err(self.reject_native(e)),
+        };
+        let stream = frame.stream();
+        let Some(slot) = self.find_wire(stream) else {
+            if matches!(frame, NativeFrame::Start { .. }) {
+                return Err(self.unexpected(stream, FrameKind::Start));
+            }
+            return self.unknown_wire(stream);
+        };
+        match frame {
+            NativeFrame::Started { subprotocol, .. } => {
+                self.started_at(slot, truncated(subprotocol.chars()))
+            }
+            NativeFrame::Error {
+                status, message, ..
+            } => {
+                self.agent_error_at(slot, truncated(message.chars()), status);
+                Ok(Handled::Consumed)
+            }
+            NativeFrame::Data { kind, payload, .. } => {
+                if let Some(entry) = self.streams.at_mut(slot)
+                    && entry.value.agent_alive
+                    && let Err(e) = entry.value.credit.on_received(payload.len())
+                {
+                    let name = truncated(entry.id().as_str().chars());
+                    self.close_both(slot, Close::new(1008, "flow control violated"));
+                    return Err(self.reject_named(name, TunnelError::Credit(e), true));
+                }
+                let kind = match kind {
+                    DataKind::Text => MessageKind::Text,
+                    DataKind::Binary => MessageKind::Binary,
+                };
+                self.push_client(slot, kind, payload)
+            }
+            NativeFrame::Close { code, reason, .. } => {
+                self.agent_closed(slot, Some(Close::new(code, reason)));
+                Ok(Handled::Consumed)
+            }
+            NativeFrame::Credit {
+                bytes, messages, ..
+            } => {
+                if let Some(entry) = self.streams.at_mut(slot)
+                    && let Some(blocked) = entry.value.credit.on_grant(now, bytes, messages)
+                {
+                    self.stats.credit_blocked_micros += blocked.as_micros();
+                }
+                Ok(Handled::Consumed)
+            }
+            NativeFrame::Start { .. } => Err(self.unexpected(stream, FrameKind::Start)),
+        }
+    }
+
+    fn unexpected(&mut self, wire: u32, kind: FrameKind) -> TunnelError {
+        self.reject_named(wire_name(wire), TunnelError::UnexpectedFrame(kind), true)
+    }
+
+    /// Rejects a malformed native frame; an oversize frame for a live stream ends that stream with
+    /// 1009.
+    fn reject_native(&mut self, error: NativeError) -> TunnelError {
+        let stream = match error {
+            NativeError::TooLarge { stream, .. } => stream,
+            _ => None,
+        };
+        if let Some(slot) = stream.and_then(|wire| self.find_wire(wire)) {
+            self.close_both(slot, Close::new(1009, "message too big"));
+        }
+        let error = match error {
+            NativeError::TooLarge { len, max, .. } => TunnelError::TooLarge { len, max },
+            e => TunnelError::Native(e),
+        };
+        self.reject_named(stream.map(wire_name).unwrap_or_default(), error, true)
+    }
+
+    /// A frame for a stream number not live: late when the number was handed out (the stream
+    /// finished; numbers are never reused), an error otherwise.
+    fn unknown_wire<'a>(&mut self, wire: u32) -> Result<Handled<'a>, TunnelError> {
+        if wire != 0 && wire <= self.session.last_wire {
+            self.stats.late_messages += 1;
+            debug!("stream #{}: late message after close dropped", wire);
+            return Ok(Handled::Consumed);
+        }
+        Err(self.reject_named(wire_name(wire), TunnelError::UnknownStream, false))
+    }
+
+    /// The live native stream with tunnel number `wire`.
+    pub(super) fn find_wire(&self, wire: u32) -> Option<Slot> {
+        self.streams
+            .iter()
+            .find(|(_, e)| e.value.wire == wire)
+            .map(|(slot, _)| slot)
+    }
+
+    /// Encodes the next control frame owed by native stream `slot` after its start: credit, then
+    /// the close once its data is sent.
+    pub(super) fn transmit_native_control(
+        &mut self,
+        slot: Slot,
+        buf: &mut [u8],
+    ) -> Result<Option<usize>, TransmitError> {
+        let Some(entry) = self.streams.at_mut(slot) else {
+            return Ok(None);
+        };
+        let closing = entry.state() == StreamState::Closing;
+        let d = &mut entry.value;
+        let wire = d.wire;
+        let receiving = d.client_alive && d.agent_alive && !closing;
+        if let Some(grant) = d.credit.grant_due().filter(|_| receiving) {
+            let frame = NativeFrame::Credit {
+                stream: wire,
+                bytes: grant.bytes,
+                messages: grant.messages,
+            };
+            let n = encode(&frame, buf)?;
+            d.credit.on_granted(grant);
+            return Ok(Some(n));
+        }
+        if let Some(close) = d.owe_agent_close.as_ref().filter(|_| d.to_agent.is_empty()) {
+            let frame = NativeFrame::Close {
+                stream: wire,
+                code: close.code,
+                reason: close.reason.as_str(),
+            };
+            let n = encode(&frame, buf)?;
+            d.owe_agent_close = None;
+            d.agent_alive = false;
+            self.settle(slot);
+            return Ok(Some(n));
+        }
+        Ok(None)
+    }
+
+    /// Encodes the front data message of native stream `slot` if it holds credit; otherwise
+    /// starts its blocked clock and sends nothing.
+    pub(super) fn transmit_native_data(
+        &mut self,
+        slot: Slot,
+        now: Instant,
+        buf: &mut [u8],
+    ) -> Result<Option<usize>, TransmitError> {
+        let Some(entry) = self.streams.at_mut(slot) else {
+            return Ok(None);
+        };
+        let d = &mut entry.value;
+        if !d.credit.can_send() {
+            if d.credit.mark_blocked(now) {
+                self.stats.credit_stalls += 1;
+            }
+            return Ok(None);
+        }
+        let Some(message) = d.to_agent.front() else {
+            return Ok(None);
+        };
+        let payload = message.payload.as_bytes();
+        let kind = match message.kind {
+            MessageKind::Text => DataKind::Text,
+            MessageKind::Binary => DataKind::Binary,
+        };
+        let n = native::HEADER_LEN + payload.len();
+        let out = buf
+            .get_mut(..n)
+            .ok_or(TransmitError::BufferTooSmall { needed: n })?;
+        out[..native::HEADER_LEN].copy_from_slice(&native::data_header(d.wire, kind));
+        out[native::HEADER_LEN..].copy_from_slice(payload);
+        d.credit.on_sent(payload.len());
+        self.stats.bytes_to_agent += payload.len() as u64;
+        self.sent_front(slot);
+        Ok(Some(n))
+    }
+
+    /// Whether the front message toward the agent of `slot` is small enough to go ahead of bulk
+    /// data (and may be sent now).
+    pub(super) fn is_interactive(&self, slot: Slot) -> bool {
+        self.streams.at(slot).is_some_and(|e| {
+            let d = &e.value;
+            d.start.is_none()
+                && d.to_agent
+                    .front()
+                    .is_some_and(|m| m.payload.len() <= INTERACTIVE_MAX)
+                && (!d.is_native() || d.credit.can_send())
+        })
+    }
+}
+
+fn encode(frame: &NativeFrame<'_>, buf: &mut [u8]) -> Result<usize, TransmitError> {
+    frame
+        .encode(buf)
+        .map_err(|e| TransmitError::BufferTooSmall { needed: e.needed })
+}
+
+/// How a native stream number is named in logs and error replies.
+fn wire_name(wire: u32) -> String<MAX_REPLY_ID> {
+    let mut name = String::new();
+    let _ = core::fmt::write(&mut name, format_args!("#{wire}"));
+    name
+}

@@ -1,0 +1,285 @@
+//! The relay's native wire mode: binary frames in and out, per-stream credit.
+//!
+//! Used once both ends advertised the `native` extension at registration. WebSocket streams then
+//! travel as [`NativeFrame`]s: the control plane sends `start`, `data`, `close` and `credit`; the
+//! agent sends `started`, `error`, `data`, `close` and `credit`. Everything else (registration,
+//! heartbeats, pings, HTTP requests, TCP tunnels, `proxy_error` replies to bad input) stays a JSON
+//! envelope. Flow control follows [`crate::credit`]: the tunnel reader is never paused.
+
+use crate::credit::{Credit, INTERACTIVE_MAX};
+use crate::table::{Slot, StreamState};
+use crate::time::Instant;
+use crate::wire::native::{self, DataKind, FrameKind, NativeError, NativeFrame};
+
+use super::{
+    Close, Handled, MessageKind, PayloadBuf, Relay, StartFields, TransmitError, TunnelError,
+    stream_id,
+};
+
+impl<M: PayloadBuf, const STREAMS: usize, const RING: usize> Relay<M, STREAMS, RING> {
+    /// Whether this session speaks the native wire mode (both ends advertised it).
+    #[must_use]
+    pub const fn is_native(&self) -> bool {
+        self.session.extensions.native
+    }
+
+    /// Handles one native frame from the control plane.
+    pub(super) fn handle_native<'a>(
+        &mut self,
+        now: Instant,
+        frame: &'a [u8],
+    ) -> Result<Handled<'a>, TunnelError> {
+        let frame = match NativeFrame::decode(frame, self.config.max_message) {
+            Ok(frame) => frame,
+            Err(e) => return Err(self.reject_native(now, e)),
+        };
+        match frame {
+            NativeFrame::Start { stream, request } => self.on_native_start(now, stream, request),
+            NativeFrame::Data {
+                stream,
+                kind,
+                payload,
+            } => {
+                let Some(slot) = self.find_wire(stream) else {
+                    return self.unknown_wire(stream);
+                };
+                if let Some(entry) = self.streams.at_mut(slot)
+                    && entry.state() != StreamState::Closing
+                    && let Err(e) = entry.value.credit.on_received(payload.len())
+                {
+                    let id = entry.id().clone();
+                    self.close_from_tunnel(now, slot, Close::new(1008, "flow control violated"));
+                    return Err(self.reject_stream(&id, TunnelError::Credit(e)));
+                }
+                let kind = match kind {
+                    DataKind::Text => MessageKind::Text,
+                    DataKind::Binary => MessageKind::Binary,
+                };
+                self.push_upstream(now, slot, kind, payload)
+            }
+            NativeFrame::Close {
+                stream,
+                code,
+                reason,
+            } => {
+                let Some(slot) = self.find_wire(stream) else {
+                    return self.unknown_wire(stream);
+                };
+                self.close_requested(now, slot, Some(Close::new(code, reason)));
+                Ok(Handled::Consumed)
+            }
+            NativeFrame::Credit {
+                stream,
+                bytes,
+                messages,
+            } => {
+                let Some(slot) = self.find_wire(stream) else {
+                    return self.unknown_wire(stream);
+                };
+                if let Some(entry) = self.streams.at_mut(slot)
+                    && let Some(blocked) = entry.value.credit.on_grant(now, bytes, messages)
+                {
+                    self.stats.credit_blocked_micros += blocked.as_micros();
+                }
+                Ok(Handled::Consumed)
+            }
+            NativeFrame::Started { stream, .. } | NativeFrame::Error { stream, .. } => {
+                let error = TunnelError::UnexpectedFrame(frame.kind());
+                Err(self.reject_id(wire_name(stream), true, error))
+            }
+        }
+    }
+
+    fn on_native_start<'a>(
+        &mut self,
+        now: Instant,
+        wire: u32,
+        request: &'a [u8],
+    ) -> Result<Handled<'a>, TunnelError> {
+        self.session.highest_wire = self.session.highest_wire.max(wire);
+        let start = match native::decode_start_body(request) {
+            Ok(start) => start,
+            Err(e) => return Err(self.reject_id(wire_name(wire), true, e.into())),
+        };
+        let id = match stream_id(start.stream_id) {
+            Ok(id) => id,
+            Err(e) => return Err(self.reject(Some(start.stream_id), true, e.into())),
+        };
+        if self.find_wire(wire).is_some() {
+            // Never touch the live stream that has this number.
+            return Err(self.reject_stream(&id, TunnelError::DuplicateStream));
+        }
+        let fields = StartFields {
+            path: start.path,
+            query: start.query,
+            headers: start.headers,
+            protocol: start.protocol,
+        };
+        let request = self.open_stream(now, id, fields)?;
+        if let Some(slot) = self.streams.find(request.stream.as_str())
+            && let Some(entry) = self.streams.at_mut(slot)
+        {
+            entry.value.wire = wire;
+            entry.value.credit = Credit::new(RING, self.config.ring_bytes);
+        }
+        Ok(Handled::Start(request))
+    }
+
+    /// Rejects a malformed native frame; an oversize data or close frame for a live stream closes
+    /// that stream with 1009.
+    fn reject_native(&mut self, now: Instant, error: NativeError) -> TunnelError {
+        let stream = match error {
+            NativeError::TooLarge { stream, .. } => stream,
+            _ => None,
+        };
+        if let Some(wire) = stream
+            && let Some(slot) = self.find_wire(wire)
+        {
+            self.close_from_tunnel(now, slot, Close::new(1009, "message too big"));
+        }
+        let error = match error {
+            NativeError::TooLarge { len, max, .. } => TunnelError::TooLarge { len, max },
+            e => TunnelError::Native(e),
+        };
+        let name = stream.map(wire_name).unwrap_or_default();
+        self.reject_id(name, stream.is_some(), error)
+    }
+
+    fn unknown_wire<'a>(&mut self, wire: u32) -> Result<Handled<'a>, TunnelError> {
+        // Numbers are never reused on a tunnel: a frame for a number not live is late (the
+        // stream finished) when the number was handed out already, an error otherwise.
+        let late = wire <= self.session.highest_wire;
+        self.unknown(late, wire_name(wire))
+    }
+
+    /// The live native stream with tunnel number `wire`.
+    pub(super) fn find_wire(&self, wire: u32) -> Option<Slot> {
+        self.streams
+            .iter()
+            .find(|(_, e)| e.value.wire == wire)
+            .map(|(slot, _)| slot)
+    }
+
+    /// Encodes the next control frame owed by native stream `slot`: credit, started, error, close.
+    pub(super) fn transmit_native_control(
+        &mut self,
+        slot: Slot,
+        buf: &mut [u8],
+    ) -> Result<Option<usize>, TransmitError> {
+        let Some(entry) = self.streams.at(slot) else {
+            return Ok(None);
+        };
+        let d = &entry.value;
+        let wire = d.wire;
+        let upstream_open = d.upstream_alive && entry.state() != StreamState::Closing;
+        let frame = if let Some(grant) = d.credit.grant_due().filter(|_| upstream_open) {
+            let n = encode(
+                &NativeFrame::Credit {
+                    stream: wire,
+                    bytes: grant.bytes,
+                    messages: grant.messages,
+                },
+                buf,
+            )?;
+            if let Some(e) = self.streams.at_mut(slot) {
+                e.value.credit.on_granted(grant);
+            }
+            return Ok(Some(n));
+        } else if d.owe_started {
+            NativeFrame::Started {
+                stream: wire,
+                subprotocol: d.subprotocol(),
+            }
+        } else if let Some(failure) = &d.owe_failed {
+            NativeFrame::Error {
+                stream: wire,
+                status: Some(failure.status),
+                message: failure.message.as_str(),
+            }
+        } else if let Some(close) = d.owe_close.as_ref().filter(|_| d.to_tunnel.is_empty()) {
+            NativeFrame::Close {
+                stream: wire,
+                code: close.code,
+                reason: close.reason.as_str(),
+            }
+        } else {
+            return Ok(None);
+        };
+        let kind = frame.kind();
+        let n = encode(&frame, buf)?;
+        if let Some(e) = self.streams.at_mut(slot) {
+            let d = &mut e.value;
+            match kind {
+                FrameKind::Started => d.owe_started = false,
+                FrameKind::Error => d.owe_failed = None,
+                _ => d.owe_close = None,
+            }
+        }
+        if kind == FrameKind::Close {
+            self.settle(slot);
+        }
+        Ok(Some(n))
+    }
+
+    /// Encodes the front data message of native stream `slot` if it holds credit; otherwise
+    /// starts its blocked clock and sends nothing.
+    pub(super) fn transmit_native_data(
+        &mut self,
+        slot: Slot,
+        now: Instant,
+        buf: &mut [u8],
+    ) -> Result<Option<usize>, TransmitError> {
+        let Some(entry) = self.streams.at_mut(slot) else {
+            return Ok(None);
+        };
+        let d = &mut entry.value;
+        if !d.credit.can_send() {
+            if d.credit.mark_blocked(now) {
+                self.stats.credit_stalls += 1;
+            }
+            return Ok(None);
+        }
+        let Some(message) = d.to_tunnel.front() else {
+            return Ok(None);
+        };
+        let payload = message.payload.as_bytes();
+        let kind = match message.kind {
+            MessageKind::Text => DataKind::Text,
+            MessageKind::Binary => DataKind::Binary,
+        };
+        let n = native::HEADER_LEN + payload.len();
+        let out = buf
+            .get_mut(..n)
+            .ok_or(TransmitError::BufferTooSmall { needed: n })?;
+        out[..native::HEADER_LEN].copy_from_slice(&native::data_header(d.wire, kind));
+        out[native::HEADER_LEN..].copy_from_slice(payload);
+        d.credit.on_sent(payload.len());
+        self.sent_front(slot);
+        Ok(Some(n))
+    }
+
+    /// Whether the front message toward the tunnel of `slot` is small enough to go ahead of bulk
+    /// data (and may be sent now).
+    pub(super) fn is_interactive(&self, slot: Slot) -> bool {
+        self.streams.at(slot).is_some_and(|e| {
+            let d = &e.value;
+            d.to_tunnel
+                .front()
+                .is_some_and(|m| m.payload.len() <= INTERACTIVE_MAX)
+                && (!d.is_native() || d.credit.can_send())
+        })
+    }
+}
+
+fn encode(frame: &NativeFrame<'_>, buf: &mut [u8]) -> Result<usize, TransmitError> {
+    frame
+        .encode(buf)
+        .map_err(|e| TransmitError::BufferTooSmall { needed: e.needed })
+}
+
+/// How a native stream number is named in logs and `proxy_error` replies.
+fn wire_name(wire: u32) -> heapless::String<{ super::MAX_REPLY_ID }> {
+    let mut name = heapless::String::new();
+    let _ = core::fmt::write(&mut name, format_args!("#{wire}"));
+    name
+}
