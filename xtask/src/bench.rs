@@ -1,28 +1,40 @@
-//! `cargo xtask bench`: the benchmarks of issue 5 that exist today (compat wire mode).
+//! `cargo xtask bench`: the benchmarks of issue 5.
 //!
 //! 1. Builds the release binaries (control plane, agent, kubesim) and the end-to-end bench
-//!    client (`tests/e2e/examples/bench.rs`).
+//!    client (`tests/e2e/examples/bench/`).
 //! 2. Runs the tether-core criterion benches (`core/benches/wire.rs`: envelope and data-frame
-//!    encode/decode), unless `--skip-core`.
-//! 3. Runs the bench client: kubesim, control plane and agent as processes on loopback; bulk
-//!    (256 MiB each way through an exec of `cat`, sha256 checked) and latency (10 000 round
-//!    trips of 64 bytes), each beside the direct path (client straight to kubesim) in the same
-//!    run. It prints the table and writes `target/bench/results.md` and `results.json`.
+//!    encode/decode), unless `--skip-core` (or `--only` without `core`).
+//! 3. Runs the bench client: kubesim, control plane and agent as processes on loopback, once per
+//!    wire mode (`--wire-mode compat`, `--wire-mode auto` = native), each figure beside the
+//!    direct path (client straight to kubesim) in the same run: 1 bulk, 2 latency, 3 many
+//!    streams, 4 idle cost, 5 interactive under load. It prints the table and writes
+//!    `target/bench/results.md`, `results.json` and `results.png`.
+//! 4. With `--publish`, copies those three files into `docs/benchmarks/`.
 //!
-//! `--mib N` and `--round-trips N` are passed to the client (e.g. for a quick run).
+//! Passed to the client: `--mib N` (bench 1), `--round-trips N` (2), `--streams N` (3),
+//! `--idle N` (4), `--interactive N` (5), `--only LIST` (e.g. `bulk,latency`; names: bulk,
+//! latency, many, idle, interactive, core).
 
 use std::path::PathBuf;
 
 use crate::step::{Step, run_status, workspace_root};
 
 pub(crate) fn steps(args: &[String]) -> Vec<Step> {
-    let skip_core = args.iter().any(|a| a == "--skip-core");
+    let mut skip_core = args.iter().any(|a| a == "--skip-core");
+    let publish = args.iter().any(|a| a == "--publish");
     let mut client_args: Vec<String> = Vec::new();
     let mut it = args.iter();
     while let Some(a) = it.next() {
-        if matches!(a.as_str(), "--mib" | "--round-trips") {
+        if matches!(
+            a.as_str(),
+            "--mib" | "--round-trips" | "--streams" | "--idle" | "--interactive" | "--only"
+        ) {
+            let value = it.next().cloned().unwrap_or_default();
+            if a == "--only" && !value.split(',').any(|b| b == "core") {
+                skip_core = true;
+            }
             client_args.push(a.clone());
-            client_args.push(it.next().cloned().unwrap_or_default());
+            client_args.push(value);
         }
     }
     let mut steps = vec![
@@ -80,11 +92,25 @@ pub(crate) fn steps(args: &[String]) -> Vec<Step> {
             .env("TETHER_E2E_BIN_DIR", &release)
             .arg("--out")
             .arg(&out)
-            .arg("--criterion")
-            .arg(target.join("criterion"))
             .args(&client_args);
+        // Without this run's criterion figures, none (not stale ones from an earlier run).
+        if !skip_core {
+            cmd.arg("--criterion").arg(target.join("criterion"));
+        }
         run_status(&mut cmd)
     }));
+    if publish {
+        steps.push(Step::new("publish to docs/benchmarks", || {
+            let from = target_dir().join("bench");
+            let to = workspace_root().join("docs/benchmarks");
+            for file in ["results.md", "results.json", "results.png"] {
+                std::fs::copy(from.join(file), to.join(file))
+                    .map_err(|e| format!("copy {file} to {}: {e}", to.display()))?;
+                println!("    {}", to.join(file).display());
+            }
+            Ok(())
+        }));
+    }
     steps
 }
 

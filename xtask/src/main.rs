@@ -10,8 +10,9 @@
 //!   thumbv7em-none-eabihf with Debian's rustc-web and `-Zbuild-std=core`; prints flash and RAM.
 //! * `demo`  — builds and starts kubesim, the control plane and the agent on loopback and prints
 //!   the kubectl line to paste; Ctrl-C stops everything.
-//! * `bench` — release build, tether-core criterion benches, then end-to-end bulk and latency
-//!   through the tunnel (compat) beside the direct path; table in `target/bench/results.md`.
+//! * `bench` — release build, tether-core criterion benches, then the end-to-end benchmarks
+//!   (bulk, latency, many streams, idle cost, interactive under load) through the tunnel in
+//!   compat and native wire mode beside the direct path; table and plot in `target/bench/`.
 
 mod bench;
 mod cross;
@@ -30,9 +31,10 @@ const USAGE: &str = "usage: cargo xtask <ci | nostd | smoke | cross | demo | ben
   smoke  build and run the no_std smoke binary
   cross  build core, embassy adapter and gateway firmware for thumbv7em-none-eabihf
   demo   run kubesim, control plane and agent on loopback; prints the kubectl line
-  bench  release build; core criterion benches; bulk and latency through the tunnel
-         beside the direct path (--skip-core, --mib N, --round-trips N);
-         results in target/bench/results.md and results.json";
+  bench  release build; core criterion benches; end-to-end benches through the tunnel
+         (compat, native) beside the direct path (--skip-core, --mib N, --round-trips N,
+         --streams N, --idle N, --interactive N, --only bulk,latency,many,idle,interactive,core);
+         results in target/bench/results.{md,json,png}; --publish copies them to docs/benchmarks/";
 
 fn main() -> ExitCode {
     let args: Vec<String> = std::env::args().skip(1).collect();

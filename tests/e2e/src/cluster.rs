@@ -41,9 +41,52 @@ pub struct ClusterBuilder {
     pods: Vec<String>,
     control_plane: bool,
     agent: bool,
+    extra: Extra,
+}
+
+/// Extra arguments and environment for the control plane and the agent (e.g. `--wire-mode`).
+#[derive(Clone, Debug, Default)]
+struct Extra {
+    control_plane_args: Vec<String>,
+    agent_args: Vec<String>,
+    control_plane_env: Vec<(String, String)>,
+    agent_env: Vec<(String, String)>,
 }
 
 impl ClusterBuilder {
+    /// Appends arguments to `tether-control-plane serve` (also on restarts).
+    pub fn control_plane_args(mut self, args: &[&str]) -> Self {
+        self.extra
+            .control_plane_args
+            .extend(args.iter().map(|a| a.to_string()));
+        self
+    }
+
+    /// Appends arguments to the agent started by [`Cluster::start_agent`].
+    pub fn agent_args(mut self, args: &[&str]) -> Self {
+        self.extra
+            .agent_args
+            .extend(args.iter().map(|a| a.to_string()));
+        self
+    }
+
+    /// Sets an environment variable for the control plane (after the clean-up of
+    /// [`clean_command`], so `TETHER_*` variables pass).
+    pub fn control_plane_env(mut self, key: &str, value: &str) -> Self {
+        self.extra
+            .control_plane_env
+            .push((key.to_string(), value.to_string()));
+        self
+    }
+
+    /// Sets an environment variable for the agent (see [`Self::control_plane_env`]).
+    pub fn agent_env(mut self, key: &str, value: &str) -> Self {
+        self.extra
+            .agent_env
+            .push((key.to_string(), value.to_string()));
+        self
+    }
+
     /// Adds a `--pod NS/NAME` to kubesim (`default/demo` is always there).
     pub fn pod(mut self, spec: &str) -> Self {
         self.pods.push(spec.to_string());
@@ -99,6 +142,8 @@ pub struct Cluster {
     old_agents: Vec<PathBuf>,
     /// Notes printed with the logs on failure.
     notes: Vec<String>,
+    /// Extra arguments and environment from the builder.
+    extra: Extra,
 }
 
 impl Cluster {
@@ -113,6 +158,7 @@ impl Cluster {
             pods: Vec::new(),
             control_plane: true,
             agent: true,
+            extra: Extra::default(),
         }
     }
 
@@ -194,6 +240,7 @@ impl Cluster {
             agent_starts: 0,
             old_agents: Vec::new(),
             notes: Vec::new(),
+            extra: opts.extra.clone(),
         };
         if opts.control_plane {
             cluster.start_control_plane();
@@ -225,6 +272,8 @@ impl Cluster {
             .arg(format!("{CLUSTER}={}", self.agent_token));
         cmd.arg("--user-token")
             .arg(format!("{USER}={}", self.user_token));
+        cmd.args(&self.extra.control_plane_args);
+        cmd.envs(self.extra.control_plane_env.iter().map(|(k, v)| (k, v)));
         cmd
     }
 
@@ -330,7 +379,9 @@ impl Cluster {
         let url = format!("https://{addr}");
         let ca = self.cp_ca_file.clone();
         let token = self.agent_token.clone();
-        self.spawn_agent(&url, &token, Some(&ca), &[]);
+        let extra = self.extra.agent_args.clone();
+        let extra: Vec<&str> = extra.iter().map(String::as_str).collect();
+        self.spawn_agent(&url, &token, Some(&ca), &extra);
     }
 
     /// Starts an agent dialling `url` with `token` (and `--ca-file ca` when given), pointed at
@@ -352,6 +403,7 @@ impl Cluster {
         cmd.arg("--kube-token-file").arg(&self.kube_token_file);
         cmd.arg("--kube-ca-file").arg(&self.kubesim_tls.ca_path);
         cmd.args(extra);
+        cmd.envs(self.extra.agent_env.iter().map(|(k, v)| (k, v)));
         self.agent = Some(Proc::spawn("tether-agent", cmd, &log));
     }
 
