@@ -29,6 +29,24 @@ pub const DEFAULT_RING_BYTES: usize = 1 << 20;
 /// Default per-ring message capacity.
 pub const DEFAULT_RING_MESSAGES: usize = 100;
 
+/// Messages and payload bytes queued in a set of rings (a metrics gauge).
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+#[cfg_attr(feature = "defmt", derive(defmt::Format))]
+pub struct RingOccupancy {
+    /// Messages queued.
+    pub messages: usize,
+    /// Payload bytes queued.
+    pub bytes: usize,
+}
+
+impl RingOccupancy {
+    /// Adds `ring`'s contents.
+    pub fn add<T: Payload, const CAP: usize>(&mut self, ring: &Ring<T, CAP>) {
+        self.messages += ring.len();
+        self.bytes += ring.bytes();
+    }
+}
+
 /// Something with a size in bytes, counted against a ring's byte budget.
 pub trait Payload {
     /// Payload size in bytes.

@@ -5,7 +5,9 @@
 
 pub mod backoff;
 pub mod buf;
+pub mod socket;
 pub mod token;
+pub mod wire_mode;
 
 // The agent runtime and its Kubernetes access.
 pub mod agent;

@@ -273,6 +273,17 @@ impl<M: PayloadBuf, const STREAMS: usize, const RING: usize> Gateway<M, STREAMS,
         self.session.extensions
     }
 
+    /// Messages and bytes queued in every stream's rings, both directions.
+    #[must_use]
+    pub fn ring_occupancy(&self) -> crate::ring::RingOccupancy {
+        let mut total = crate::ring::RingOccupancy::default();
+        for (_, entry) in self.streams.iter() {
+            total.add(&entry.value.to_agent);
+            total.add(&entry.value.to_client);
+        }
+        total
+    }
+
     /// Number of live streams and requests.
     #[must_use]
     pub const fn stream_count(&self) -> usize {

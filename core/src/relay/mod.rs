@@ -309,6 +309,17 @@ impl<M: PayloadBuf, const STREAMS: usize, const RING: usize> Relay<M, STREAMS, R
         self.session.extensions
     }
 
+    /// Messages and bytes queued in every stream's rings, both directions.
+    #[must_use]
+    pub fn ring_occupancy(&self) -> crate::ring::RingOccupancy {
+        let mut total = crate::ring::RingOccupancy::default();
+        for (_, entry) in self.streams.iter() {
+            total.add(&entry.value.to_upstream);
+            total.add(&entry.value.to_tunnel);
+        }
+        total
+    }
+
     /// Number of live streams.
     #[must_use]
     pub const fn stream_count(&self) -> usize {

@@ -1161,7 +1161,9 @@ fn memory_footprint_matches_the_docs() {
     // Embedded shape: inline 512-byte buffers, 4-message rings.
     let embedded = size_of::<Option<crate::table::Entry<StreamData<heapless::Vec<u8, 512>, 4>>>>();
     assert!(embedded <= 5 * 1024, "{embedded}");
-    std::println!("ring {ring} B, tokio slot {slot} B, relay(64) {relay} B, embedded slot {embedded} B");
+    std::println!(
+        "ring {ring} B, tokio slot {slot} B, relay(64) {relay} B, embedded slot {embedded} B"
+    );
 }
 
 #[test]

@@ -4,7 +4,7 @@
 //! ```text
 //! tether-agent --control-plane URL --token TOKEN [--ca-file F | --insecure-skip-tls-verify]
 //!              [--kubeconfig F | --kube-url URL [--kube-token-file F] [--kube-ca-file F]]
-//!              [--metrics-listen ADDR] [--log-format json|text]
+//!              [--metrics-listen ADDR] [--wire-mode auto|compat] [--log-format json|text]
 //! ```
 //!
 //! Every flag also reads a `TETHER_*` environment variable. Bad configuration exits with status 2
@@ -13,6 +13,7 @@
 use std::net::SocketAddr;
 use std::path::PathBuf;
 use std::process::ExitCode;
+use tether_tokio::wire_mode::WireMode;
 
 use clap::{Parser, ValueEnum};
 use tether_tokio::agent::{Agent, AgentConfig, TunnelTarget};
@@ -95,6 +96,17 @@ struct Cli {
     #[arg(long, env = "TETHER_METRICS_LISTEN", value_name = "ADDR")]
     metrics_listen: Option<SocketAddr>,
 
+    /// Wire modes offered to the control plane: `auto` offers native (binary frames, per-stream
+    /// credit) and falls back to compat when the control plane does not take it; `compat` never
+    /// offers native.
+    #[arg(
+        long,
+        value_name = "MODE",
+        env = "TETHER_WIRE_MODE",
+        default_value = "auto"
+    )]
+    wire_mode: WireMode,
+
     /// Log format.
     #[arg(long, env = "TETHER_LOG_FORMAT", value_enum, default_value = "text")]
     log_format: LogFormat,
@@ -151,6 +163,7 @@ fn build(cli: &Cli) -> Result<AgentConfig, String> {
     };
     let mut config = AgentConfig::new(tunnel, kube);
     config.metrics_listen = cli.metrics_listen;
+    config.relay.extensions = cli.wire_mode.apply(config.relay.extensions);
     Ok(config)
 }
 

@@ -5,7 +5,7 @@
 //! tether-control-plane serve --listen ADDR --state-dir DIR
 //!                            [--agent-token CLUSTER=TOKEN]... [--user-token USER=TOKEN]...
 //!                            [--tls-cert F --tls-key F] [--insecure-http]
-//!                            [--forward LISTEN=CLUSTER:HOST:PORT]...
+//!                            [--forward LISTEN=CLUSTER:HOST:PORT]... [--wire-mode auto|compat]
 //! tether-control-plane kubeconfig --state-dir DIR --cluster CLUSTER --user USER [--server URL]
 //! ```
 //!
@@ -21,6 +21,7 @@
 use std::net::{SocketAddr, ToSocketAddrs as _};
 use std::path::{Path, PathBuf};
 use std::process::ExitCode;
+use tether_tokio::wire_mode::WireMode;
 
 use clap::{Args, Parser, Subcommand, ValueEnum};
 use tether_tokio::control_plane::{ControlPlane, ControlPlaneConfig, Forward, TlsMode, kubeconfig};
@@ -105,6 +106,15 @@ struct Serve {
         value_delimiter = ','
     )]
     forward: Vec<String>,
+    /// Wire modes offered to agents: `auto` offers native (binary frames, per-stream credit) and
+    /// falls back to compat for agents that do not take it; `compat` never offers native.
+    #[arg(
+        long,
+        value_name = "MODE",
+        env = "TETHER_WIRE_MODE",
+        default_value = "auto"
+    )]
+    wire_mode: WireMode,
 }
 
 #[derive(Debug, Args)]
@@ -264,6 +274,7 @@ fn run_serve(serve: Serve) -> Result<(), Failure> {
         user_token_pairs: users,
         tls,
         forwards,
+        wire_mode: serve.wire_mode,
     };
     let runtime = tokio::runtime::Builder::new_multi_thread()
         .enable_all()

@@ -41,8 +41,9 @@ pub use tunnel::{DialError, TunnelTarget};
 /// Default delay before retrying a dial the control plane refused with 401/403: the backoff cap.
 pub const UNAUTHORIZED_RETRY: Duration = Duration::from_secs(60);
 
-/// Concurrent WebSocket streams per agent.
-pub const MAX_STREAMS: usize = 256;
+/// Concurrent WebSocket streams per agent. The relay's table and rings live on the heap and grow
+/// with use (tether-core's `alloc` feature), so the capacity costs nothing until streams open.
+pub const MAX_STREAMS: usize = 16_384;
 /// Concurrent HTTP requests per agent.
 pub const MAX_REQUESTS: usize = 256;
 
@@ -209,6 +210,7 @@ impl Agent {
                     requests.handle_tunnel_lost();
                     metrics.set_relay(relay.stats());
                     metrics.reconnects.fetch_add(1, Ordering::Relaxed);
+                    metrics.session_ended(end.registered, session_failed(&end.reason));
                     if end.registered {
                         backoff.reset();
                     }
@@ -236,6 +238,7 @@ impl Agent {
                 }
                 Err(e) => {
                     metrics.dial_failures.fetch_add(1, Ordering::Relaxed);
+                    metrics.tunnel_dial_failed();
                     let delay = backoff.next_delay();
                     warn!(
                         "cannot open the tunnel: {e}; retrying in {:.1}s",
@@ -247,6 +250,12 @@ impl Agent {
             tokio::time::sleep(delay).await;
         }
     }
+}
+
+/// Whether a session ended by a failure (tunnel read or write error, connection dropped, silence)
+/// rather than by the control plane's close frame: counted as `tether_errors_total{class="tunnel"}`.
+fn session_failed(reason: &str) -> bool {
+    !reason.starts_with("control plane closed the tunnel")
 }
 
 /// A delay in `[d/2, d]`: slow, but agents refused together do not return together.

@@ -23,6 +23,7 @@ use tokio_tungstenite::tungstenite::Message;
 use tracing::{debug, info, warn};
 
 use super::http::{self, AbortOnDrop, HttpSpec};
+use super::metrics::StreamKind;
 use super::tunnel::TunnelSocket;
 use super::upstream::{self, StreamCtl, StreamSpec, ToUpstream};
 use super::{AgentRelay, AgentRequests, Shared};
@@ -325,6 +326,9 @@ impl Session<'_> {
             }
             self.shared.metrics.set_relay(self.relay.stats());
             self.shared.metrics.set_requests(self.requests.stats());
+            self.shared
+                .metrics
+                .observe_relay(self.relay, self.pause.is_some());
             if !progressed || self.dead.is_some() {
                 break;
             }
@@ -337,25 +341,38 @@ impl Session<'_> {
 
     /// Queues `txbuf[..n]` (a JSON envelope) on the tunnel.
     async fn feed(&mut self, n: usize) -> Result<(), String> {
-        let text = match std::str::from_utf8(&self.txbuf[..n]) {
-            Ok(t) => t.to_string(),
-            Err(_) => {
-                warn!("dropping a non-UTF-8 envelope (encoder bug)");
-                return Ok(());
+        let bytes = &self.txbuf[..n];
+        let message = if tether_core::wire::native::is_native(bytes) {
+            Message::binary(bytes.to_vec())
+        } else {
+            match std::str::from_utf8(bytes) {
+                Ok(t) => Message::text(t),
+                Err(_) => {
+                    warn!("dropping a non-UTF-8 envelope (encoder bug)");
+                    return Ok(());
+                }
             }
         };
         self.sink
-            .feed(Message::text(text))
+            .feed(message)
             .await
             .map_err(|e| format!("tunnel write failed: {e}"))
     }
 
     async fn on_relay_event(&mut self, event: Event) -> Result<(), String> {
         match event {
-            Event::Registered { cluster_id, .. } => {
+            Event::Registered {
+                cluster_id,
+                extensions,
+            } => {
+                let wire = if extensions.native {
+                    "native"
+                } else {
+                    "compat"
+                };
                 info!(
                     cluster_id = cluster_id.as_str(),
-                    "registered with the control plane"
+                    wire, "registered with the control plane"
                 );
                 self.registered = true;
                 self.shared.metrics.connected.store(true, Ordering::Relaxed);
@@ -509,6 +526,9 @@ impl Session<'_> {
     fn on_tunnel(&mut self, frame: Vec<u8>) {
         let now = self.shared.now();
         let result = self.relay.handle_tunnel_message(now, &frame, self.scratch);
+        if let Err(e) = &result {
+            self.shared.metrics.tunnel_error(e);
+        }
         match result {
             Ok(Handled::Start(start)) => {
                 let spec = stream_spec(
@@ -713,11 +733,8 @@ impl Session<'_> {
             headers,
             body,
         };
-        let task = tokio::spawn(http::run(
-            self.shared.kube.clone(),
-            spec,
-            self.events_tx.clone(),
-        ));
+        let run = http::run(self.shared.kube.clone(), spec, self.events_tx.clone());
+        let task = tokio::spawn(self.shared.metrics.timed(StreamKind::Http, run));
         self.http.insert(
             id,
             HttpHandle {
@@ -752,7 +769,7 @@ impl Session<'_> {
 
     fn spawn_stream(&mut self, spec: StreamSpec, upgrade: bool) {
         let (tx, rx) = mpsc::channel(STREAM_QUEUE);
-        let ctl = Arc::new(StreamCtl::default());
+        let ctl = Arc::new(StreamCtl::new(&self.shared.metrics));
         let id = spec.id.clone();
         let task = tokio::spawn(upstream::run(
             self.shared.kube.clone(),

@@ -155,7 +155,7 @@ impl TunnelTarget {
         let tcp = TcpStream::connect((host, self.port))
             .await
             .map_err(|e| DialError::Failed(format!("cannot connect to {}: {e}", self.url)))?;
-        let _ = tcp.set_nodelay(true);
+        crate::socket::tune_tunnel(&tcp);
         let stream = match &self.tls {
             None => KubeStream::Plain(tcp),
             Some(config) => {
@@ -176,6 +176,7 @@ impl TunnelTarget {
             .map_err(|_| DialError::Failed("token is not a valid header value".into()))?;
         request.headers_mut().insert("Authorization", bearer);
         let config = WebSocketConfig::default()
+            .write_buffer_size(crate::socket::TUNNEL_WRITE_BUFFER)
             .max_message_size(Some(max_message))
             .max_frame_size(Some(max_message));
         match tokio_tungstenite::client_async_with_config(request, stream, Some(config)).await {

@@ -17,6 +17,7 @@ use tokio_tungstenite::tungstenite::protocol::frame::coding::CloseCode;
 use tokio_tungstenite::tungstenite::protocol::{CloseFrame, WebSocketConfig};
 use tokio_tungstenite::tungstenite::{Error as WsError, Message, Utf8Bytes};
 
+use super::metrics::{Metrics, StreamKind, StreamLife};
 use super::session::FromTask;
 use crate::kube::{KubeStream, KubeTarget, headers};
 
@@ -58,6 +59,18 @@ pub(crate) struct StreamCtl {
     pub(crate) resume: Notify,
     /// The session could not queue a message for this task: report `Drained` after the next write.
     pub(crate) stalled: AtomicBool,
+    /// Counts the stream in `tether_streams_active` until both the session and the task let go.
+    _life: Option<StreamLife>,
+}
+
+impl StreamCtl {
+    /// Flags for a new stream, counted as a live WebSocket stream in `metrics` until dropped.
+    pub(crate) fn new(metrics: &Metrics) -> Self {
+        Self {
+            _life: Some(metrics.stream_life(StreamKind::WebSocket)),
+            ..Self::default()
+        }
+    }
 }
 
 /// Dials, then relays until either side closes. Every outcome is reported on `events`.
@@ -281,6 +294,7 @@ async fn dial(
         .await
         .map_err(|e| (502, format!("cannot reach the Kubernetes API: {e}")))?;
     let config = WebSocketConfig::default()
+        .read_buffer_size(crate::socket::STREAM_READ_BUFFER)
         .max_message_size(Some(max_message))
         .max_frame_size(Some(max_message));
     match tokio_tungstenite::client_async_with_config(request, stream, Some(config)).await {

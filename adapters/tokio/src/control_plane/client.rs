@@ -25,9 +25,11 @@ use tokio_tungstenite::tungstenite::protocol::{CloseFrame, Role, WebSocketConfig
 use super::link::{
     CLIENT_WINDOW, Cmd, Link, OpenRequest, OpenStream, Shared, StreamGuard, ToClient,
 };
+use super::metrics::Metrics;
 use super::status::status_response;
 use super::token_of;
 use super::{Body, State};
+use crate::agent::metrics::{StreamKind, StreamLife};
 use crate::buf::Buf;
 
 /// Largest request body forwarded (the tunnel's message limit, less base64 growth).
@@ -54,7 +56,7 @@ pub(crate) async fn handle(
     kube_path: String,
 ) -> Response<Body> {
     let Some(user) = token_of(req.headers()).and_then(|t| state.user_tokens.lookup(t)) else {
-        state.metrics.refused.fetch_add(1, Ordering::Relaxed);
+        state.metrics.auth_refused();
         return status_response(401, "Unauthorized: a valid bearer user token is required");
     };
     let user = user.to_string();
@@ -84,8 +86,16 @@ pub(crate) async fn handle(
         cmd: cmd.clone(),
         close: None,
     };
+    let websocket_upgrade = is_websocket_upgrade(req.headers());
+    let kind = if websocket_upgrade {
+        StreamKind::WebSocket
+    } else {
+        StreamKind::Http
+    };
+    // Live (`tether_streams_active`) until the client task ends; its duration is then observed.
+    let life = state.metrics.stream_life(kind);
 
-    if is_websocket_upgrade(req.headers()) {
+    if websocket_upgrade {
         let Some(key) = req.headers().get(header::SEC_WEBSOCKET_KEY).cloned() else {
             return status_response(400, "WebSocket upgrade without Sec-WebSocket-Key");
         };
@@ -112,7 +122,13 @@ pub(crate) async fn handle(
                 &format!("the agent of cluster \"{cluster}\" went away"),
             );
         }
-        websocket(rx, shared, guard, key, on_upgrade).await
+        let stream = ClientStream {
+            rx,
+            shared,
+            guard,
+            life,
+        };
+        websocket(stream, &state.metrics, key, on_upgrade).await
     } else {
         let method = req.method().clone();
         let body = match Limited::new(req.into_body(), MAX_BODY).collect().await {
@@ -137,21 +153,44 @@ pub(crate) async fn handle(
                 &format!("the agent of cluster \"{cluster}\" went away"),
             );
         }
-        request(rx, shared, guard, method).await
+        let stream = ClientStream {
+            rx,
+            shared,
+            guard,
+            life,
+        };
+        request(stream, &state.metrics, method).await
     }
+}
+
+/// One client stream handed to the tunnel task: its channel ends, the guard that frees it, and its
+/// `tether_streams_active` count.
+struct ClientStream {
+    rx: mpsc::UnboundedReceiver<ToClient>,
+    shared: Arc<Shared>,
+    guard: StreamGuard,
+    life: StreamLife,
 }
 
 /// Waits for the agent's answer to a WebSocket start: 101 (then relays messages) or its status.
 async fn websocket(
-    mut rx: mpsc::UnboundedReceiver<ToClient>,
-    shared: Arc<Shared>,
-    guard: StreamGuard,
+    stream: ClientStream,
+    metrics: &Metrics,
     key: HeaderValue,
     on_upgrade: hyper::upgrade::OnUpgrade,
 ) -> Response<Body> {
+    let ClientStream {
+        mut rx,
+        shared,
+        guard,
+        life,
+    } = stream;
     let subprotocol = match rx.recv().await {
         Some(ToClient::Started { subprotocol }) => subprotocol,
-        Some(ToClient::Failed { status, message }) => return status_response(status, &message),
+        Some(ToClient::Failed { status, message }) => {
+            metrics.stream_failed(status);
+            return status_response(status, &message);
+        }
         _ => return status_response(502, "the agent tunnel went away"),
     };
     let mut response = Response::new(super::status::full(Bytes::new()));
@@ -170,9 +209,11 @@ async fn websocket(
         };
     }
     tokio::spawn(async move {
+        let _life = life;
         match on_upgrade.await {
             Ok(upgraded) => {
                 let config = WebSocketConfig::default()
+                    .read_buffer_size(crate::socket::STREAM_READ_BUFFER)
                     .max_message_size(Some(16 << 20))
                     .max_frame_size(Some(16 << 20));
                 let ws = WebSocketStream::from_raw_socket(
@@ -305,19 +346,23 @@ fn close_frame(close: &Close) -> Option<CloseFrame> {
 }
 
 /// Waits for the agent's response head, then streams the body (chunked) to the client.
-async fn request(
-    mut rx: mpsc::UnboundedReceiver<ToClient>,
-    shared: Arc<Shared>,
-    guard: StreamGuard,
-    method: Method,
-) -> Response<Body> {
+async fn request(stream: ClientStream, metrics: &Metrics, method: Method) -> Response<Body> {
+    let ClientStream {
+        mut rx,
+        shared,
+        guard,
+        life,
+    } = stream;
     let (status, headers, gzip) = match rx.recv().await {
         Some(ToClient::Head {
             status,
             headers,
             gzip,
         }) => (status, headers, gzip),
-        Some(ToClient::Failed { status, message }) => return status_response(status, &message),
+        Some(ToClient::Failed { status, message }) => {
+            metrics.stream_failed(status);
+            return status_response(status, &message);
+        }
         _ => return status_response(502, "the agent tunnel went away"),
     };
     let Ok(status) = StatusCode::from_u16(status) else {
@@ -327,6 +372,7 @@ async fn request(
         rx,
         shared,
         guard,
+        _life: life,
         done: false,
     };
     let body = if method == Method::HEAD {
@@ -351,6 +397,8 @@ struct ResponseStream {
     rx: mpsc::UnboundedReceiver<ToClient>,
     shared: Arc<Shared>,
     guard: StreamGuard,
+    /// The request counts as live until its body is done with.
+    _life: StreamLife,
     done: bool,
 }
 

@@ -24,6 +24,7 @@ use tokio::sync::mpsc;
 
 use super::State;
 use super::link::{CLIENT_WINDOW, Cmd, Link, OpenTcp, Shared, StreamGuard, ToClient};
+use crate::agent::metrics::StreamKind;
 use crate::buf::Buf;
 
 /// Bytes read from a forwarded socket per tunnel message. Small enough for the smallest agent
@@ -165,9 +166,12 @@ async fn carry(tcp: TcpStream, peer: SocketAddr, fwd: Arc<Forward>, state: Arc<S
         cmd: cmd.clone(),
         close: None,
     };
+    // Live (`tether_streams_active{kind="tcp"}`) until this task ends.
+    let _life = state.metrics.stream_life(StreamKind::Tcp);
     match rx.recv().await {
         Some(ToClient::Started { .. }) => {}
-        Some(ToClient::Failed { message, .. }) => {
+        Some(ToClient::Failed { status, message }) => {
+            state.metrics.stream_failed(status);
             tracing::warn!(tunnel = %id, forward = %fwd, %peer, "forward refused: {message}");
             return;
         }

@@ -105,6 +105,8 @@ pub struct ControlPlaneConfig {
     pub tls: TlsMode,
     /// TCP forwards (`--forward`), each with its own listener.
     pub forwards: Vec<Forward>,
+    /// Whether agents are offered the native wire mode.
+    pub wire_mode: crate::wire_mode::WireMode,
 }
 
 /// Why the control plane could not start.
@@ -180,6 +182,8 @@ pub(crate) struct State {
     pub(crate) metrics: Metrics,
     pub(crate) next_id: AtomicU64,
     next_generation: AtomicU64,
+    /// Whether agents are offered the native wire mode.
+    pub(crate) wire_mode: crate::wire_mode::WireMode,
 }
 
 /// The bearer token of a request, if it has one.
@@ -307,6 +311,7 @@ impl ControlPlane {
                 metrics: Metrics::default(),
                 next_id: AtomicU64::new(1),
                 next_generation: AtomicU64::new(1),
+                wire_mode: config.wire_mode,
             }),
             base_url,
         })
@@ -362,7 +367,8 @@ impl ControlPlane {
                     }
                 },
             };
-            let _ = tcp.set_nodelay(true);
+            // Agents' tunnels and clients share the listener: both get the tunnel tuning.
+            crate::socket::tune_tunnel(&tcp);
             let state = self.state.clone();
             let acceptor = self.acceptor.clone();
             tokio::spawn(async move {
@@ -442,7 +448,7 @@ fn valid_cluster_name(name: &str) -> bool {
 /// An agent's tunnel upgrade.
 fn agent(state: Arc<State>, mut req: Request<Incoming>) -> Response<Body> {
     let Some(cluster) = token_of(req.headers()).and_then(|t| state.agent_tokens.lookup(t)) else {
-        state.metrics.refused.fetch_add(1, Ordering::Relaxed);
+        state.metrics.auth_refused();
         tracing::warn!("agent connection refused: missing or unknown agent token");
         return status_response(401, "Unauthorized: a valid bearer agent token is required");
     };
@@ -462,6 +468,7 @@ fn agent(state: Arc<State>, mut req: Request<Incoming>) -> Response<Body> {
         match on_upgrade.await {
             Ok(upgraded) => {
                 let config = WebSocketConfig::default()
+                    .write_buffer_size(crate::socket::TUNNEL_WRITE_BUFFER)
                     .max_message_size(Some(40 << 20))
                     .max_frame_size(Some(40 << 20));
                 let ws = WebSocketStream::from_raw_socket(
@@ -473,7 +480,10 @@ fn agent(state: Arc<State>, mut req: Request<Incoming>) -> Response<Body> {
                 let (tx, rx) = mpsc::unbounded_channel();
                 tunnel::run(ws, cluster, generation, state, tx, rx).await;
             }
-            Err(e) => tracing::warn!(cluster, error = %e, "agent upgrade failed"),
+            Err(e) => {
+                state.metrics.tunnel_failed();
+                tracing::warn!(cluster, error = %e, "agent upgrade failed");
+            }
         }
     });
     let mut response = Response::new(status::full(Bytes::new()));

@@ -39,6 +39,7 @@ fn config(dir: &std::path::Path, tls: TlsMode) -> ControlPlaneConfig {
         user_token_pairs: vec![("alice".into(), USER_TOKEN.into())],
         tls,
         forwards: Vec::new(),
+        wire_mode: crate::wire_mode::WireMode::Auto,
     }
 }
 

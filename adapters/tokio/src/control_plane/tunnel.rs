@@ -26,15 +26,18 @@ use tokio_tungstenite::tungstenite::protocol::frame::coding::CloseCode;
 use super::State;
 use super::link::{CLIENT_WINDOW, Cmd, Link, OpenRequest, OpenStream, OpenTcp, ToClient};
 use crate::buf::Buf;
+use crate::wire_mode::WireMode;
 
-/// Streams and requests one tunnel carries at once.
-pub(crate) const MAX_STREAMS: usize = 64;
+/// Streams and requests one tunnel carries at once. The gateway's table and rings live on the heap
+/// and grow with use (tether-core's `alloc` feature), so the capacity costs nothing until used.
+pub(crate) const MAX_STREAMS: usize = 16_384;
 
-/// The gateway of one tunnel (boxed: about half a MiB).
+/// The gateway of one tunnel.
 pub(crate) type Gw = Gateway<Buf, MAX_STREAMS>;
 
-/// Tunnel messages queued for the writer task.
-const WRITE_QUEUE: usize = 64;
+/// Tunnel messages queued for the writer task. Kept short: a message queued here is past the
+/// gateway's scheduler, so every queued bulk message delays an interactive one behind it.
+const WRITE_QUEUE: usize = 4;
 
 /// Response headers never passed to the client: hop-by-hop, and framing the control plane redoes.
 const DROPPED_RESPONSE_HEADERS: &[&str] = &[
@@ -127,7 +130,7 @@ pub(crate) async fn run<S>(
     S: AsyncRead + AsyncWrite + Unpin + Send + 'static,
 {
     let base = tokio::time::Instant::now();
-    let Some(gw) = new_gateway(&cluster) else {
+    let Some(gw) = new_gateway(&cluster, state.wire_mode) else {
         tracing::error!(cluster = %cluster, "cannot allocate the tunnel state");
         return;
     };
@@ -189,6 +192,7 @@ pub(crate) async fn run<S>(
                 Some(Ok(WsMessage::Frame(_))) => {}
                 Some(Err(e)) => {
                     tracing::warn!(cluster = %t.cluster, error = %e, "agent tunnel failed");
+                    t.state.metrics.tunnel_failed();
                     t.dead = true;
                 }
                 None => t.dead = true,
@@ -201,6 +205,7 @@ pub(crate) async fn run<S>(
     }
     t.lose("the agent's tunnel closed");
     t.drive_metrics();
+    t.state.metrics.tunnel_ended(t.generation);
     t.state
         .metrics
         .streams_active
@@ -217,18 +222,14 @@ pub(crate) async fn run<S>(
     let _ = writer.await;
 }
 
-/// A boxed gateway built on a thread with a large stack: the gateway is about half a MiB and a
-/// debug build copies it a few times on the way into its box, which a 2 MiB worker stack cannot
-/// hold.
-fn new_gateway(cluster: &str) -> Option<Box<Gw>> {
-    let cluster = cluster.to_string();
-    std::thread::Builder::new()
-        .name("tether-gateway-init".into())
-        .stack_size(32 << 20)
-        .spawn(move || Box::new(Gw::new(Config::default(), &cluster, CoreInstant::ZERO)))
-        .ok()?
-        .join()
-        .ok()
+/// The gateway of a new tunnel, offering the native wire mode per `wire_mode`.
+fn new_gateway(cluster: &str, wire_mode: WireMode) -> Option<Box<Gw>> {
+    let defaults = Config::default();
+    let config = Config {
+        extensions: wire_mode.apply(defaults.extensions),
+        ..defaults
+    };
+    Some(Box::new(Gw::new(config, cluster, CoreInstant::ZERO)))
 }
 
 async fn sleep_until(deadline: Option<tokio::time::Instant>) {
@@ -281,9 +282,10 @@ impl Tunnel {
                 match self.gw.poll_transmit(now, Self::unix(), &mut self.buf) {
                     Ok(Some(n)) => {
                         let bytes = &self.buf[..n];
+                        let native = tether_core::wire::native::is_native(bytes);
                         self.pending_out = Some(match std::str::from_utf8(bytes) {
-                            Ok(text) => WsMessage::text(text),
-                            Err(_) => WsMessage::binary(bytes.to_vec()),
+                            Ok(text) if !native => WsMessage::text(text),
+                            _ => WsMessage::binary(bytes.to_vec()),
                         });
                         progressed = true;
                     }
@@ -333,6 +335,9 @@ impl Tunnel {
             .streams_active
             .fetch_add(count - self.counted_streams, Ordering::Relaxed);
         self.counted_streams = count;
+        let (cluster, gw) = (&self.cluster, &self.gw);
+        let m = &self.state.metrics;
+        m.observe_tunnel(self.generation, cluster, self.registered, self.paused, gw);
     }
 
     fn handle_event(&mut self, event: Event) {
@@ -344,6 +349,7 @@ impl Tunnel {
                 tracing::info!(
                     cluster = %self.cluster,
                     agent_id = %agent_id,
+                    wire = if extensions.native { "native" } else { "compat" },
                     ?extensions,
                     "agent registered"
                 );
@@ -369,6 +375,7 @@ impl Tunnel {
             }
             Event::TunnelDead => {
                 tracing::warn!(cluster = %self.cluster, "agent tunnel silent past the read deadline");
+                self.state.metrics.tunnel_failed();
                 self.dead = true;
             }
             Event::PauseTunnelReads => self.paused = true,
@@ -529,7 +536,7 @@ impl Tunnel {
                     continue;
                 }
                 // Logged and answered by the gateway; nothing else changed.
-                Err(_) => {}
+                Err(e) => self.state.metrics.tunnel_error(&e),
             }
             return;
         }
