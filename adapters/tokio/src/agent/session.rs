@@ -14,7 +14,7 @@ use std::time::{SystemTime, UNIX_EPOCH};
 
 use bytes::Bytes;
 use futures_util::stream::SplitSink;
-use futures_util::{SinkExt as _, StreamExt as _};
+use futures_util::{FutureExt as _, SinkExt as _, StreamExt as _};
 use tether_core::relay::{Event, Handled, MessageKind, SendError, SessionInfo, TunnelError};
 use tether_core::request::{Cancelled, RequestBody, RequestError, RequestEvent, ResponseError};
 use tether_core::wire::{Body, Inbound, JsonStr, Outbound, UnixTime};
@@ -38,6 +38,10 @@ const BODY_QUEUE: usize = 16;
 const EVENT_QUEUE: usize = 64;
 /// Largest response body buffered for a client that did not ask for streamed responses.
 const MAX_BUFFERED_RESPONSE: usize = 8 << 20;
+/// Tunnel bytes written before the session looks at its inputs again. The relay decides what to
+/// send next (interactive messages first) only when asked, so an input that arrives while a
+/// large backlog is written must not wait for all of it: at most this much goes ahead of it.
+const FLUSH_BUDGET: usize = 64 * 1024;
 
 /// What a stream or request task reports.
 #[derive(Debug)]
@@ -151,6 +155,8 @@ pub(crate) struct Session<'a> {
     dead: Option<String>,
     /// Envelopes encoded outside the cores (`gateway_hello_ack`), written by the next flush.
     outbox: VecDeque<String>,
+    /// The last flush stopped at [`FLUSH_BUDGET`] with more to write.
+    backlog: bool,
 }
 
 fn unix_now() -> UnixTime {
@@ -194,6 +200,7 @@ pub(crate) async fn run(
         registered: false,
         dead: None,
         outbox: VecDeque::new(),
+        backlog: false,
     };
     let now = shared.now();
     s.relay.start_session(now, info);
@@ -211,25 +218,44 @@ pub(crate) async fn run(
             .map(|t| shared.deadline(t));
         let reading = s.pause.is_none();
         tokio::select! {
-            message = source.next(), if reading => match message {
-                Some(Ok(Message::Text(text))) => s.on_tunnel(Vec::from(text.as_bytes())),
-                Some(Ok(Message::Binary(bytes))) => s.on_tunnel(bytes.to_vec()),
-                Some(Ok(Message::Ping(_) | Message::Pong(_) | Message::Frame(_))) => {
-                    s.relay.handle_tunnel_activity(shared.now());
+            () = std::future::ready(()), if s.backlog => s.backlog = false,
+            message = source.next(), if reading => {
+                // Read every frame already received, so the socket's receive buffer does not
+                // become a first-come queue in front of the relay's scheduler.
+                let mut next = Some(message);
+                let mut taken = 0;
+                let mut ended = None;
+                while let Some(message) = next {
+                    if let Err(reason) = s.on_tunnel_message(message) {
+                        ended = Some(reason);
+                        break;
+                    }
+                    taken += 1;
+                    next = if taken < EVENT_QUEUE && s.pause.is_none() {
+                        source.next().now_or_never()
+                    } else {
+                        None
+                    };
                 }
-                Some(Ok(Message::Close(frame))) => {
-                    break format!(
-                        "control plane closed the tunnel{}",
-                        frame.map(|f| format!(" ({} {})", u16::from(f.code), f.reason)).unwrap_or_default()
-                    );
+                if let Some(reason) = ended {
+                    break reason;
                 }
-                Some(Err(e)) => break format!("tunnel read failed: {e}"),
-                None => break "tunnel connection closed".to_string(),
-            },
+            }
             event = events_rx.recv() => {
-                if let Some(event) = event
-                    && let Err(e) = s.on_task(event).await
-                {
+                // Take what the stream tasks queued at once: in the relay's rings it is
+                // scheduled (interactive first); in this channel it is first come, first served.
+                let mut next = event;
+                let mut taken = 0;
+                let mut failed = None;
+                while let Some(event) = next {
+                    if let Err(e) = s.on_task(event).await {
+                        failed = Some(e);
+                        break;
+                    }
+                    taken += 1;
+                    next = if taken < EVENT_QUEUE { events_rx.try_recv().ok() } else { None };
+                }
+                if let Some(e) = failed {
                     break e;
                 }
             }
@@ -267,7 +293,9 @@ impl Session<'_> {
     // ---------------------------------------------------------------------------------------------
     // Outputs
 
-    /// Acts on every core event and writes every owed tunnel message, until nothing is left.
+    /// Acts on every core event and writes owed tunnel messages until nothing is left or
+    /// [`FLUSH_BUDGET`] bytes were written; then `backlog` says more is owed, and the session
+    /// reads its inputs before writing on.
     async fn flush(&mut self) -> Result<(), String> {
         loop {
             let mut progressed = false;
@@ -292,10 +320,16 @@ impl Session<'_> {
                     .map_err(|e| format!("tunnel write failed: {e}"))?;
             }
             let unix = unix_now();
+            let mut written = 0;
             loop {
+                if written >= FLUSH_BUDGET {
+                    self.backlog = true;
+                    break;
+                }
                 match self.requests.poll_transmit(unix, self.txbuf) {
                     Ok(Some(n)) => {
                         progressed = true;
+                        written += n;
                         self.feed(n).await?;
                     }
                     Ok(None) => break,
@@ -306,10 +340,15 @@ impl Session<'_> {
                 }
             }
             loop {
+                if written >= FLUSH_BUDGET {
+                    self.backlog = true;
+                    break;
+                }
                 let now = self.shared.now();
                 match self.relay.poll_transmit(now, unix, self.txbuf) {
                     Ok(Some(n)) => {
                         progressed = true;
+                        written += n;
                         self.feed(n).await?;
                     }
                     Ok(None) => break,
@@ -329,7 +368,7 @@ impl Session<'_> {
             self.shared
                 .metrics
                 .observe_relay(self.relay, self.pause.is_some());
-            if !progressed || self.dead.is_some() {
+            if !progressed || self.dead.is_some() || self.backlog {
                 break;
             }
         }
@@ -522,6 +561,32 @@ impl Session<'_> {
 
     // ---------------------------------------------------------------------------------------------
     // Tunnel input
+
+    /// Acts on one item read from the tunnel (`None`: the connection ended). `Err` ends the
+    /// session with that reason.
+    fn on_tunnel_message(
+        &mut self,
+        message: Option<Result<Message, tokio_tungstenite::tungstenite::Error>>,
+    ) -> Result<(), String> {
+        match message {
+            Some(Ok(Message::Text(text))) => self.on_tunnel(Vec::from(text.as_bytes())),
+            Some(Ok(Message::Binary(bytes))) => self.on_tunnel(bytes.to_vec()),
+            Some(Ok(Message::Ping(_) | Message::Pong(_) | Message::Frame(_))) => {
+                self.relay.handle_tunnel_activity(self.shared.now());
+            }
+            Some(Ok(Message::Close(frame))) => {
+                return Err(format!(
+                    "control plane closed the tunnel{}",
+                    frame
+                        .map(|f| format!(" ({} {})", u16::from(f.code), f.reason))
+                        .unwrap_or_default()
+                ));
+            }
+            Some(Err(e)) => return Err(format!("tunnel read failed: {e}")),
+            None => return Err("tunnel connection closed".to_string()),
+        }
+        Ok(())
+    }
 
     fn on_tunnel(&mut self, frame: Vec<u8>) {
         let now = self.shared.now();

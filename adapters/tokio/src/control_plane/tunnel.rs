@@ -7,7 +7,7 @@ use std::sync::Arc;
 use std::sync::atomic::Ordering;
 use std::time::{Duration, SystemTime, UNIX_EPOCH};
 
-use futures_util::{SinkExt as _, StreamExt as _};
+use futures_util::{FutureExt as _, SinkExt as _, StreamExt as _};
 use http::{HeaderName, HeaderValue};
 use tether_core::gateway::{
     Config, Event, Gateway, Handled, HttpRequest, OpenError, Stats, StreamRequest, TcpOpen,
@@ -19,9 +19,9 @@ use tether_core::wire::UnixTime;
 use tokio::io::{AsyncRead, AsyncWrite};
 use tokio::sync::mpsc;
 use tokio_tungstenite::WebSocketStream;
-use tokio_tungstenite::tungstenite::Message as WsMessage;
 use tokio_tungstenite::tungstenite::protocol::CloseFrame;
 use tokio_tungstenite::tungstenite::protocol::frame::coding::CloseCode;
+use tokio_tungstenite::tungstenite::{Error as WsError, Message as WsMessage};
 
 use super::State;
 use super::link::{CLIENT_WINDOW, Cmd, Link, OpenRequest, OpenStream, OpenTcp, ToClient};
@@ -34,6 +34,9 @@ pub(crate) const MAX_STREAMS: usize = 16_384;
 
 /// The gateway of one tunnel.
 pub(crate) type Gw = Gateway<Buf, MAX_STREAMS>;
+
+/// Most commands, or tunnel frames, taken in one turn of the tunnel task before it writes again.
+const INPUT_BATCH: usize = 64;
 
 /// Tunnel messages queued for the writer task. Kept short: a message queued here is past the
 /// gateway's scheduler, so every queued bulk message delays an interactive one behind it.
@@ -174,29 +177,33 @@ pub(crate) async fn run<S>(
                     _ => t.dead = true,
                 }
             }
-            cmd = cmd_rx.recv() => match cmd {
-                Some(cmd) => t.handle_cmd(cmd),
-                None => t.dead = true,
-            },
-            message = stream.next(), if !t.paused => match message {
-                Some(Ok(WsMessage::Text(text))) => t.handle_frame(text.as_bytes().to_vec()),
-                Some(Ok(WsMessage::Binary(bytes))) => t.handle_frame(bytes.to_vec()),
-                Some(Ok(WsMessage::Ping(_) | WsMessage::Pong(_))) => {
-                    let now = t.now();
-                    t.gw.handle_tunnel_activity(now);
+            cmd = cmd_rx.recv() => {
+                // Take every queued command at once: in the gateway's rings messages are
+                // scheduled (interactive first); in this channel they are first come, first served.
+                let mut next = cmd;
+                let mut taken = 0;
+                while let Some(cmd) = next {
+                    t.handle_cmd(cmd);
+                    taken += 1;
+                    next = if taken < INPUT_BATCH { cmd_rx.try_recv().ok() } else { None };
                 }
-                Some(Ok(WsMessage::Close(frame))) => {
-                    tracing::info!(cluster = %t.cluster, ?frame, "agent closed the tunnel");
+                if taken == 0 {
                     t.dead = true;
                 }
-                Some(Ok(WsMessage::Frame(_))) => {}
-                Some(Err(e)) => {
-                    tracing::warn!(cluster = %t.cluster, error = %e, "agent tunnel failed");
-                    t.state.metrics.tunnel_failed();
-                    t.dead = true;
+            }
+            message = stream.next(), if !t.paused => {
+                // Likewise read every frame already received, so the socket's receive buffer
+                // does not become a first-come queue in front of the scheduler.
+                t.on_message(message);
+                let mut taken = 1;
+                while taken < INPUT_BATCH && !t.paused && !t.dead {
+                    let Some(message) = stream.next().now_or_never() else {
+                        break;
+                    };
+                    t.on_message(message);
+                    taken += 1;
                 }
-                None => t.dead = true,
-            },
+            }
             () = sleep_until(deadline), if deadline.is_some() => {
                 let now = t.now();
                 t.gw.handle_timeout(now);
@@ -262,6 +269,29 @@ async fn write_loop<S>(
 }
 
 impl Tunnel {
+    /// Acts on one item read from the agent's tunnel (`None`: the connection ended).
+    fn on_message(&mut self, message: Option<Result<WsMessage, WsError>>) {
+        match message {
+            Some(Ok(WsMessage::Text(text))) => self.handle_frame(text.as_bytes().to_vec()),
+            Some(Ok(WsMessage::Binary(bytes))) => self.handle_frame(bytes.to_vec()),
+            Some(Ok(WsMessage::Ping(_) | WsMessage::Pong(_))) => {
+                let now = self.now();
+                self.gw.handle_tunnel_activity(now);
+            }
+            Some(Ok(WsMessage::Close(frame))) => {
+                tracing::info!(cluster = %self.cluster, ?frame, "agent closed the tunnel");
+                self.dead = true;
+            }
+            Some(Ok(WsMessage::Frame(_))) => {}
+            Some(Err(e)) => {
+                tracing::warn!(cluster = %self.cluster, error = %e, "agent tunnel failed");
+                self.state.metrics.tunnel_failed();
+                self.dead = true;
+            }
+            None => self.dead = true,
+        }
+    }
+
     fn now(&self) -> CoreInstant {
         CoreInstant::from_micros(u64::try_from(self.base.elapsed().as_micros()).unwrap_or(u64::MAX))
     }
