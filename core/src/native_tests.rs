@@ -155,6 +155,9 @@ struct Pair<const RING: usize> {
     /// Native stream numbers, from the start frames the relay accepted.
     wires: BTreeMap<u32, String>,
     streams: BTreeMap<String, Stream>,
+    /// Move native data with `poll_transmit_owned` / `handle_native_data` (the adapters' path)
+    /// instead of the copying calls.
+    owned: bool,
 }
 
 impl<const RING: usize> Pair<RING> {
@@ -180,6 +183,7 @@ impl<const RING: usize> Pair<RING> {
             closes_upstream: Vec::new(),
             wires: BTreeMap::new(),
             streams: BTreeMap::new(),
+            owned: false,
         };
         p.run();
         assert!(p.gw.is_registered());
@@ -365,6 +369,23 @@ impl<const RING: usize> Pair<RING> {
     fn poll_relay(&mut self, max: usize) -> usize {
         let mut n = 0;
         while n < max {
+            if self.owned {
+                match self
+                    .relay
+                    .poll_transmit_owned(self.now, EPOCH, &mut self.buf)
+                {
+                    Ok(Some(relay::Transmit::Encoded(len))) => {
+                        self.to_gw.push_back(self.buf[..len].to_vec());
+                    }
+                    Ok(Some(relay::Transmit::Data { header, payload })) => {
+                        self.to_gw.push_back([&header[..], &payload.0].concat());
+                    }
+                    Ok(None) => break,
+                    Err(e) => panic!("relay transmit: {e}"),
+                }
+                n += 1;
+                continue;
+            }
             match self.relay.poll_transmit(self.now, EPOCH, &mut self.buf) {
                 Ok(Some(len)) => self.to_gw.push_back(self.buf[..len].to_vec()),
                 Ok(None) => break,
@@ -379,6 +400,20 @@ impl<const RING: usize> Pair<RING> {
     fn poll_gw(&mut self, max: usize) -> usize {
         let mut n = 0;
         while n < max {
+            if self.owned {
+                match self.gw.poll_transmit_owned(self.now, EPOCH, &mut self.buf) {
+                    Ok(Some(relay::Transmit::Encoded(len))) => {
+                        self.to_relay.push_back(self.buf[..len].to_vec());
+                    }
+                    Ok(Some(relay::Transmit::Data { header, payload })) => {
+                        self.to_relay.push_back([&header[..], &payload.0].concat());
+                    }
+                    Ok(None) => break,
+                    Err(e) => panic!("gateway transmit: {e}"),
+                }
+                n += 1;
+                continue;
+            }
             match self.gw.poll_transmit(self.now, EPOCH, &mut self.buf) {
                 Ok(Some(len)) => self.to_relay.push_back(self.buf[..len].to_vec()),
                 Ok(None) => break,
@@ -397,10 +432,15 @@ impl<const RING: usize> Pair<RING> {
             let Some(frame) = self.to_gw.pop_front() else {
                 break;
             };
-            match self
-                .gw
-                .handle_tunnel_message(self.now, &frame, &mut self.scratch)
-            {
+            let result = if self.owned && self.gw.is_native() && native::is_data(&frame) {
+                self.gw
+                    .handle_native_data(self.now, Bytes(frame.clone()))
+                    .map(|()| gateway::Handled::Consumed)
+            } else {
+                self.gw
+                    .handle_tunnel_message(self.now, &frame, &mut self.scratch)
+            };
+            match result {
                 Ok(_) => {}
                 Err(gateway::TunnelError::Blocked) => {
                     self.blocked += 1;
@@ -435,22 +475,26 @@ impl<const RING: usize> Pair<RING> {
             let Some(frame) = self.to_relay.pop_front() else {
                 break;
             };
-            let started =
-                match self
-                    .relay
+            let result = if self.owned && self.relay.is_native() && native::is_data(&frame) {
+                self.relay
+                    .handle_native_data(self.now, Bytes(frame.clone()))
+                    .map(|()| relay::Handled::Consumed)
+            } else {
+                self.relay
                     .handle_tunnel_message(self.now, &frame, &mut self.scratch)
-                {
-                    Ok(relay::Handled::Start(start)) => Some(start.stream.to_string()),
-                    Ok(_) => None,
-                    Err(relay::TunnelError::Blocked) => {
-                        self.blocked += 1;
-                        self.relay_paused = true;
-                        self.to_relay.push_front(frame);
-                        self.drain_events();
-                        break;
-                    }
-                    Err(e) => panic!("relay refused {}: {e}", describe(&frame)),
-                };
+            };
+            let started = match result {
+                Ok(relay::Handled::Start(start)) => Some(start.stream.to_string()),
+                Ok(_) => None,
+                Err(relay::TunnelError::Blocked) => {
+                    self.blocked += 1;
+                    self.relay_paused = true;
+                    self.to_relay.push_front(frame);
+                    self.drain_events();
+                    break;
+                }
+                Err(e) => panic!("relay refused {}: {e}", describe(&frame)),
+            };
             if let Some(id) = started {
                 if let Some(wire) = native::peek_stream(&frame) {
                     self.wires.insert(wire, id.clone());
@@ -949,13 +993,14 @@ fn op() -> impl Strategy<Value = Op> {
 const PROP_RING_BYTES: usize = 128 << 10;
 const PROP_MAX_LEN: usize = 70_000;
 
-fn no_loss(native: bool, streams: usize, ops: &[Op]) -> Result<(), TestCaseError> {
+fn no_loss(native: bool, owned: bool, streams: usize, ops: &[Op]) -> Result<(), TestCaseError> {
     let mut p = if native {
         Pair::<8>::with_ring_bytes(PROP_RING_BYTES)
     } else {
         Pair::<8>::compat(PROP_RING_BYTES)
     };
     p.record = false;
+    p.owned = owned;
     let ids: Vec<String> = (0..streams).map(|i| format!("s{i}")).collect();
     for id in &ids {
         p.open(id);
@@ -1046,7 +1091,16 @@ proptest! {
         streams in 1usize..=4,
         ops in proptest::collection::vec(op(), 1..250),
     ) {
-        no_loss(true, streams, &ops)?;
+        no_loss(true, false, streams, &ops)?;
+    }
+
+    /// The same through the calls the adapters use: owned transmit, owned data frames in.
+    #[test]
+    fn no_loss_under_random_stalls_owned_buffers(
+        streams in 1usize..=4,
+        ops in proptest::collection::vec(op(), 1..250),
+    ) {
+        no_loss(true, true, streams, &ops)?;
     }
 
     #[test]
@@ -1054,7 +1108,7 @@ proptest! {
         streams in 1usize..=4,
         ops in proptest::collection::vec(op(), 1..250),
     ) {
-        no_loss(false, streams, &ops)?;
+        no_loss(false, false, streams, &ops)?;
     }
 }
 

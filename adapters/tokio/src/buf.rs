@@ -24,11 +24,42 @@ impl PayloadBuf for Buf {
     fn as_bytes(&self) -> &[u8] {
         &self.0
     }
+
+    /// Shares the buffer (no copy).
+    fn sliced(self, start: usize) -> Option<Self> {
+        (start <= self.0.len()).then(|| Self(self.0.slice(start..)))
+    }
+}
+
+impl Buf {
+    /// One contiguous message from a native frame header and its payload (the one copy a
+    /// WebSocket message needs).
+    #[must_use]
+    pub fn frame(header: &[u8], payload: &Self) -> Bytes {
+        let mut frame = bytes::BytesMut::with_capacity(header.len() + payload.0.len());
+        frame.extend_from_slice(header);
+        frame.extend_from_slice(&payload.0);
+        frame.freeze()
+    }
 }
 
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn sliced_shares_and_checks_bounds() {
+        let b = Buf(Bytes::from_static(b"headerpayload"));
+        let tail = b.clone().sliced(6).unwrap();
+        assert_eq!(tail.as_bytes(), b"payload");
+        assert_eq!(tail.0.as_ptr(), b.0[6..].as_ptr());
+        assert!(b.clone().sliced(13).unwrap().as_bytes().is_empty());
+        assert_eq!(b.sliced(14), None);
+        assert_eq!(
+            &Buf::frame(b"ab", &Buf(Bytes::from_static(b"cd")))[..],
+            b"abcd"
+        );
+    }
 
     #[test]
     fn holds_any_size() {

@@ -103,7 +103,7 @@ use crate::keepalive::Keepalive;
 use crate::recent::RecentlyClosed;
 use crate::relay::{
     Close, MAX_FAILURE_MESSAGE, MAX_SUBPROTOCOL, Message, MessageKind, PayloadBuf, SendError,
-    TransmitError, validate_path, validate_query, validate_subprotocol_list,
+    Transmit, TransmitError, validate_path, validate_query, validate_subprotocol_list,
 };
 use crate::ring::DEFAULT_RING_MESSAGES;
 use crate::stream_id::{MAX_STREAM_ID_LEN, StreamId};
@@ -906,6 +906,18 @@ impl<M: PayloadBuf, const STREAMS: usize, const RING: usize> Gateway<M, STREAMS,
         kind: MessageKind,
         payload: &[u8],
     ) -> Result<Handled<'a>, TunnelError> {
+        self.push_client_with(slot, kind, payload.len(), || M::from_slice(payload))
+    }
+
+    /// Queues agent data of `len` bytes for the client of `slot`; `make` builds its buffer once
+    /// it is admitted (a copy, or a share of an owned frame).
+    fn push_client_with<'a>(
+        &mut self,
+        slot: Slot,
+        kind: MessageKind,
+        len: usize,
+        make: impl FnOnce() -> Option<M>,
+    ) -> Result<Handled<'a>, TunnelError> {
         let Some(entry) = self.streams.at_mut(slot) else {
             return Err(TunnelError::UnknownStream);
         };
@@ -917,16 +929,16 @@ impl<M: PayloadBuf, const STREAMS: usize, const RING: usize> Gateway<M, STREAMS,
             return Ok(Handled::Consumed);
         }
         let native = d.is_native();
-        if !native && !d.to_client.can_accept(payload.len()) {
+        if !native && !d.to_client.can_accept(len) {
             let blocker = Blocker::Stream {
                 id: entry.id().clone(),
-                bytes: payload.len(),
+                bytes: len,
             };
             return Err(self.block(blocker));
         }
-        let Some(payload) = M::from_slice(payload) else {
+        let Some(payload) = make() else {
             let id = entry.id().clone();
-            let error = TunnelError::PayloadRefused { len: payload.len() };
+            let error = TunnelError::PayloadRefused { len };
             warn!("stream {}: rejected: {}", id, error);
             self.stats.bad_messages += 1;
             self.close_both(slot, Close::new(1009, "message too big"));
@@ -1506,7 +1518,37 @@ impl<M: PayloadBuf, const STREAMS: usize, const RING: usize> Gateway<M, STREAMS,
         unix_time: UnixTime,
         buf: &mut [u8],
     ) -> Result<Option<usize>, TransmitError> {
-        let _ = now;
+        Ok(self
+            .next_transmit(now, unix_time, buf, false)?
+            .map(|t| match t {
+                Transmit::Encoded(n) => n,
+                Transmit::Data { .. } => unreachable!("a copying transmit never yields Data"),
+            }))
+    }
+
+    /// [`poll_transmit`](Self::poll_transmit) without copying payloads: a native data message
+    /// comes out as [`Transmit::Data`], its header and its buffer as queued (send the header
+    /// followed by the payload as one binary message); everything else is encoded into `buf` as
+    /// [`Transmit::Encoded`]. Same order and the same errors.
+    ///
+    /// # Errors
+    /// As [`poll_transmit`](Self::poll_transmit).
+    pub fn poll_transmit_owned(
+        &mut self,
+        now: Instant,
+        unix_time: UnixTime,
+        buf: &mut [u8],
+    ) -> Result<Option<Transmit<M>>, TransmitError> {
+        self.next_transmit(now, unix_time, buf, true)
+    }
+
+    fn next_transmit(
+        &mut self,
+        now: Instant,
+        unix_time: UnixTime,
+        buf: &mut [u8],
+        owned: bool,
+    ) -> Result<Option<Transmit<M>>, TransmitError> {
         if let Some(reply) = self.replies.front() {
             let n = self.encode_reply(reply, unix_time, buf)?;
             if let Some(Reply::RegisterSuccess { .. }) = self.replies.pop_front()
@@ -1516,12 +1558,12 @@ impl<M: PayloadBuf, const STREAMS: usize, const RING: usize> Gateway<M, STREAMS,
                 self.session.owe_registered = true;
             }
             self.check_unblock();
-            return Ok(Some(n));
+            return Ok(Some(Transmit::Encoded(n)));
         }
         for slot in self.streams.slots_after(self.control_cursor) {
             if let Some(n) = self.transmit_control(slot, unix_time, buf)? {
                 self.control_cursor = Some(slot);
-                return Ok(Some(n));
+                return Ok(Some(Transmit::Encoded(n)));
             }
         }
         // Interactive messages (small ones) first, then everything, round-robin both times.
@@ -1530,9 +1572,9 @@ impl<M: PayloadBuf, const STREAMS: usize, const RING: usize> Gateway<M, STREAMS,
                 if interactive && !self.is_interactive(slot) {
                     continue;
                 }
-                if let Some(n) = self.transmit_data(slot, now, unix_time, buf)? {
+                if let Some(t) = self.transmit_data(slot, now, unix_time, buf, owned)? {
                     self.data_cursor = Some(slot);
-                    return Ok(Some(n));
+                    return Ok(Some(t));
                 }
             }
         }
@@ -1628,7 +1670,8 @@ impl<M: PayloadBuf, const STREAMS: usize, const RING: usize> Gateway<M, STREAMS,
         now: Instant,
         unix: UnixTime,
         buf: &mut [u8],
-    ) -> Result<Option<usize>, TransmitError> {
+        owned: bool,
+    ) -> Result<Option<Transmit<M>>, TransmitError> {
         let Some(entry) = self.streams.at(slot) else {
             return Ok(None);
         };
@@ -1636,7 +1679,7 @@ impl<M: PayloadBuf, const STREAMS: usize, const RING: usize> Gateway<M, STREAMS,
             return Ok(None);
         }
         if entry.value.is_native() {
-            return self.transmit_native_data(slot, now, buf);
+            return self.transmit_native_data(slot, now, buf, owned);
         }
         let Some(message) = entry.value.to_agent.front() else {
             return Ok(None);
@@ -1661,21 +1704,20 @@ impl<M: PayloadBuf, const STREAMS: usize, const RING: usize> Gateway<M, STREAMS,
             .encode(Some(id), unix, buf)?
         };
         self.stats.bytes_to_agent += bytes.len() as u64;
-        self.sent_front(slot);
-        Ok(Some(n))
+        let _ = self.sent_front(slot);
+        Ok(Some(Transmit::Encoded(n)))
     }
 
-    /// The front message toward the agent of `slot` was encoded: drops it and lets the client be
-    /// read again once the ring is below half.
-    fn sent_front(&mut self, slot: Slot) {
-        if let Some(entry) = self.streams.at_mut(slot) {
-            let d = &mut entry.value;
-            d.to_agent.pop();
-            if d.reading_stopped && d.to_agent.is_below_half() {
-                d.reading_stopped = false;
-                d.flow = Some(Flow::Resume);
-            }
+    /// The front message toward the agent of `slot` was sent: takes it out (returned) and lets
+    /// the client be read again once the ring is below half.
+    fn sent_front(&mut self, slot: Slot) -> Option<Message<M>> {
+        let d = &mut self.streams.at_mut(slot)?.value;
+        let message = d.to_agent.pop()?;
+        if d.reading_stopped && d.to_agent.is_below_half() {
+            d.reading_stopped = false;
+            d.flow = Some(Flow::Resume);
         }
+        Some(message)
     }
 
     // ---------------------------------------------------------------------------------------------

@@ -9,7 +9,7 @@
 use heapless::String;
 
 use crate::credit::INTERACTIVE_MAX;
-use crate::relay::{Close, MessageKind, PayloadBuf};
+use crate::relay::{Close, MessageKind, PayloadBuf, Transmit};
 use crate::table::{Slot, StreamState};
 use crate::text::truncated;
 use crate::time::Instant;
@@ -81,19 +81,7 @@ impl<M: PayloadBuf, const STREAMS: usize, const RING: usize> Gateway<M, STREAMS,
                 Ok(Handled::Consumed)
             }
             NativeFrame::Data { kind, payload, .. } => {
-                if let Some(entry) = self.streams.at_mut(slot)
-                    && entry.value.agent_alive
-                    && let Err(e) = entry.value.credit.on_received(payload.len())
-                {
-                    let name = truncated(entry.id().as_str().chars());
-                    self.close_both(slot, Close::new(1008, "flow control violated"));
-                    return Err(self.reject_named(name, TunnelError::Credit(e), true));
-                }
-                let kind = match kind {
-                    DataKind::Text => MessageKind::Text,
-                    DataKind::Binary => MessageKind::Binary,
-                };
-                self.push_client(slot, kind, payload)
+                self.on_native_data(slot, kind, payload.len(), || M::from_slice(payload))
             }
             NativeFrame::Close { code, reason, .. } => {
                 self.agent_closed(slot, Some(Close::new(code, reason)));
@@ -111,6 +99,66 @@ impl<M: PayloadBuf, const STREAMS: usize, const RING: usize> Gateway<M, STREAMS,
             }
             NativeFrame::Start { .. } => Err(self.unexpected(stream, FrameKind::Start)),
         }
+    }
+
+    /// Handles a native data frame held in an owned buffer, sharing its payload instead of
+    /// copying it ([`PayloadBuf::sliced`]). Same contract as
+    /// [`handle_tunnel_message`](Self::handle_tunnel_message) for that frame (a data frame never
+    /// yields [`Handled::ResponseHead`] or [`Handled::Other`], and never blocks in native mode).
+    ///
+    /// Call it only on a native tunnel ([`is_native`](Self::is_native)) for frames that
+    /// [`native::is_data`] accepts; anything else is refused with
+    /// [`TunnelError::UnexpectedFrame`] and should go to `handle_tunnel_message`.
+    ///
+    /// # Errors
+    /// As [`handle_tunnel_message`](Self::handle_tunnel_message).
+    pub fn handle_native_data(&mut self, now: Instant, frame: M) -> Result<(), TunnelError> {
+        self.handle_tunnel_activity(now);
+        if self.replies.is_full() {
+            return Err(self.block(super::Blocker::Replies));
+        }
+        if !self.is_native() || !native::is_data(frame.as_bytes()) {
+            return Err(TunnelError::UnexpectedFrame(FrameKind::Data));
+        }
+        let (stream, kind, len) =
+            match NativeFrame::decode(frame.as_bytes(), self.config.max_message) {
+                Ok(NativeFrame::Data {
+                    stream,
+                    kind,
+                    payload,
+                }) => (stream, kind, payload.len()),
+                Ok(other) => return Err(TunnelError::UnexpectedFrame(other.kind())),
+                Err(e) => return Err(self.reject_native(e)),
+            };
+        let Some(slot) = self.find_wire(stream) else {
+            return self.unknown_wire(stream).map(|_| ());
+        };
+        self.on_native_data(slot, kind, len, || frame.sliced(native::HEADER_LEN))
+            .map(|_| ())
+    }
+
+    /// A data message of `len` bytes for native stream `slot`: checks its credit and queues it
+    /// for the client, its buffer built by `make`.
+    fn on_native_data<'a>(
+        &mut self,
+        slot: Slot,
+        kind: DataKind,
+        len: usize,
+        make: impl FnOnce() -> Option<M>,
+    ) -> Result<Handled<'a>, TunnelError> {
+        if let Some(entry) = self.streams.at_mut(slot)
+            && entry.value.agent_alive
+            && let Err(e) = entry.value.credit.on_received(len)
+        {
+            let name = truncated(entry.id().as_str().chars());
+            self.close_both(slot, Close::new(1008, "flow control violated"));
+            return Err(self.reject_named(name, TunnelError::Credit(e), true));
+        }
+        let kind = match kind {
+            DataKind::Text => MessageKind::Text,
+            DataKind::Binary => MessageKind::Binary,
+        };
+        self.push_client_with(slot, kind, len, make)
     }
 
     fn unexpected(&mut self, wire: u32, kind: FrameKind) -> TunnelError {
@@ -199,7 +247,8 @@ impl<M: PayloadBuf, const STREAMS: usize, const RING: usize> Gateway<M, STREAMS,
         slot: Slot,
         now: Instant,
         buf: &mut [u8],
-    ) -> Result<Option<usize>, TransmitError> {
+        owned: bool,
+    ) -> Result<Option<Transmit<M>>, TransmitError> {
         let Some(entry) = self.streams.at_mut(slot) else {
             return Ok(None);
         };
@@ -218,16 +267,27 @@ impl<M: PayloadBuf, const STREAMS: usize, const RING: usize> Gateway<M, STREAMS,
             MessageKind::Text => DataKind::Text,
             MessageKind::Binary => DataKind::Binary,
         };
-        let n = native::HEADER_LEN + payload.len();
+        let header = native::data_header(d.wire, kind);
+        let len = payload.len();
+        if owned {
+            d.credit.on_sent(len);
+            self.stats.bytes_to_agent += len as u64;
+            let Some(message) = self.sent_front(slot) else {
+                return Ok(None);
+            };
+            let payload = message.payload;
+            return Ok(Some(Transmit::Data { header, payload }));
+        }
+        let n = native::HEADER_LEN + len;
         let out = buf
             .get_mut(..n)
             .ok_or(TransmitError::BufferTooSmall { needed: n })?;
-        out[..native::HEADER_LEN].copy_from_slice(&native::data_header(d.wire, kind));
+        out[..native::HEADER_LEN].copy_from_slice(&header);
         out[native::HEADER_LEN..].copy_from_slice(payload);
-        d.credit.on_sent(payload.len());
-        self.stats.bytes_to_agent += payload.len() as u64;
-        self.sent_front(slot);
-        Ok(Some(n))
+        d.credit.on_sent(len);
+        self.stats.bytes_to_agent += len as u64;
+        let _ = self.sent_front(slot);
+        Ok(Some(Transmit::Encoded(n)))
     }
 
     /// Whether the front message toward the agent of `slot` is small enough to go ahead of bulk

@@ -28,6 +28,12 @@ pub trait PayloadBuf: Payload + Sized {
     /// The bytes held.
     fn as_bytes(&self) -> &[u8];
 
+    /// The bytes from `start` on, as a buffer: `None` when `start` is past the end or the rest
+    /// does not fit. The default copies; a reference-counted buffer overrides it to share.
+    fn sliced(self, start: usize) -> Option<Self> {
+        Self::from_slice(self.as_bytes().get(start..)?)
+    }
+
     /// The largest payload [`from_slice`](Self::from_slice) takes. Byte streams (TCP tunnels)
     /// are split into pieces of at most this size; unbounded by default.
     fn max_len() -> usize {
@@ -47,6 +53,23 @@ impl<const N: usize> PayloadBuf for heapless::Vec<u8, N> {
     fn max_len() -> usize {
         N
     }
+}
+
+/// One tunnel message from [`Relay::poll_transmit_owned`](super::Relay::poll_transmit_owned) or
+/// [`Gateway::poll_transmit_owned`](crate::gateway::Gateway::poll_transmit_owned).
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub enum Transmit<M> {
+    /// A message encoded into the caller's buffer: its length. A native frame iff
+    /// [`is_native`](crate::wire::native::is_native) says so (send it as a binary message), a JSON
+    /// envelope otherwise (send it as text).
+    Encoded(usize),
+    /// A native data frame: send `header` followed by `payload` as one binary message.
+    Data {
+        /// The frame header ([`data_header`](crate::wire::native::data_header)).
+        header: [u8; crate::wire::native::HEADER_LEN],
+        /// The message payload, as queued.
+        payload: M,
+    },
 }
 
 /// Kind of a data message: the WebSocket opcodes that carry data. Control frames never travel as

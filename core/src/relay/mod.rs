@@ -106,7 +106,7 @@ pub use config::{Config, DEFAULT_MAX_MESSAGE};
 pub use error::{SendError, TransmitError, TunnelError, UpstreamError};
 pub use event::{
     Close, Event, MAX_CLOSE_REASON, MAX_FAILURE_MESSAGE, MAX_SUBPROTOCOL, Message, MessageKind,
-    PayloadBuf,
+    PayloadBuf, Transmit,
 };
 pub use session::SessionInfo;
 pub use tcp::{MAX_TCP_HOST, TcpCloseReason, TcpTunnelRequest};
@@ -624,6 +624,19 @@ impl<M: PayloadBuf, const STREAMS: usize, const RING: usize> Relay<M, STREAMS, R
         kind: MessageKind,
         payload: &[u8],
     ) -> Result<Handled<'a>, TunnelError> {
+        self.push_upstream_with(now, slot, kind, payload.len(), || M::from_slice(payload))
+    }
+
+    /// Queues a message of `len` bytes for the upstream of `slot`; `make` builds its buffer once
+    /// it is admitted (a copy, or a share of an owned frame).
+    fn push_upstream_with<'a>(
+        &mut self,
+        now: Instant,
+        slot: Slot,
+        kind: MessageKind,
+        len: usize,
+        make: impl FnOnce() -> Option<M>,
+    ) -> Result<Handled<'a>, TunnelError> {
         let Some(entry) = self.streams.at_mut(slot) else {
             return Err(TunnelError::UnknownStream);
         };
@@ -635,15 +648,15 @@ impl<M: PayloadBuf, const STREAMS: usize, const RING: usize> Relay<M, STREAMS, R
         }
         let native = entry.value.is_native();
         let ring = &mut entry.value.to_upstream;
-        if !native && !ring.can_accept(payload.len()) {
+        if !native && !ring.can_accept(len) {
             let blocker = Blocker::Stream {
                 id: entry.id().clone(),
-                bytes: payload.len(),
+                bytes: len,
             };
             return Err(self.block(blocker));
         }
-        let Some(payload) = M::from_slice(payload) else {
-            let error = TunnelError::PayloadRefused { len: payload.len() };
+        let Some(payload) = make() else {
+            let error = TunnelError::PayloadRefused { len };
             let id = entry.id().clone();
             self.close_from_tunnel(now, slot, Close::new(1009, "message too big"));
             return Err(self.reject_stream(&id, error));
@@ -1233,11 +1246,41 @@ impl<M: PayloadBuf, const STREAMS: usize, const RING: usize> Relay<M, STREAMS, R
         unix_time: UnixTime,
         buf: &mut [u8],
     ) -> Result<Option<usize>, TransmitError> {
-        let _ = now;
+        Ok(self
+            .next_transmit(now, unix_time, buf, false)?
+            .map(|t| match t {
+                Transmit::Encoded(n) => n,
+                Transmit::Data { .. } => unreachable!("a copying transmit never yields Data"),
+            }))
+    }
+
+    /// [`poll_transmit`](Self::poll_transmit) without copying payloads: a native data message
+    /// comes out as [`Transmit::Data`], its header and its buffer as queued (send the header
+    /// followed by the payload as one binary message); everything else is encoded into `buf` as
+    /// [`Transmit::Encoded`]. Same order and the same errors.
+    ///
+    /// # Errors
+    /// As [`poll_transmit`](Self::poll_transmit).
+    pub fn poll_transmit_owned(
+        &mut self,
+        now: Instant,
+        unix_time: UnixTime,
+        buf: &mut [u8],
+    ) -> Result<Option<Transmit<M>>, TransmitError> {
+        self.next_transmit(now, unix_time, buf, true)
+    }
+
+    fn next_transmit(
+        &mut self,
+        now: Instant,
+        unix_time: UnixTime,
+        buf: &mut [u8],
+        owned: bool,
+    ) -> Result<Option<Transmit<M>>, TransmitError> {
         if self.session.register_pending {
             let n = self.encode_register(unix_time, buf)?;
             self.session.register_pending = false;
-            return Ok(Some(n));
+            return Ok(Some(Transmit::Encoded(n)));
         }
         if let Some(reply) = self.replies.front() {
             let n = encode_reply(
@@ -1248,18 +1291,18 @@ impl<M: PayloadBuf, const STREAMS: usize, const RING: usize> Relay<M, STREAMS, R
             )?;
             self.replies.pop_front();
             self.check_unblock();
-            return Ok(Some(n));
+            return Ok(Some(Transmit::Encoded(n)));
         }
         for slot in self.streams.slots_after(self.control_cursor) {
             if let Some(n) = self.transmit_control(slot, now, unix_time, buf)? {
                 self.control_cursor = Some(slot);
-                return Ok(Some(n));
+                return Ok(Some(Transmit::Encoded(n)));
             }
         }
         if self.session.heartbeat_pending {
             let n = self.encode_heartbeat(unix_time, buf)?;
             self.session.heartbeat_pending = false;
-            return Ok(Some(n));
+            return Ok(Some(Transmit::Encoded(n)));
         }
         // Interactive messages (small ones) first, then everything, round-robin both times.
         for interactive in [true, false] {
@@ -1267,9 +1310,9 @@ impl<M: PayloadBuf, const STREAMS: usize, const RING: usize> Relay<M, STREAMS, R
                 if interactive && !self.is_interactive(slot) {
                     continue;
                 }
-                if let Some(n) = self.transmit_data(slot, now, unix_time, buf)? {
+                if let Some(t) = self.transmit_data(slot, now, unix_time, buf, owned)? {
                     self.data_cursor = Some(slot);
-                    return Ok(Some(n));
+                    return Ok(Some(t));
                 }
             }
         }
@@ -1352,7 +1395,8 @@ impl<M: PayloadBuf, const STREAMS: usize, const RING: usize> Relay<M, STREAMS, R
         now: Instant,
         unix: UnixTime,
         buf: &mut [u8],
-    ) -> Result<Option<usize>, TransmitError> {
+        owned: bool,
+    ) -> Result<Option<Transmit<M>>, TransmitError> {
         let Some(entry) = self.streams.at(slot) else {
             return Ok(None);
         };
@@ -1360,7 +1404,7 @@ impl<M: PayloadBuf, const STREAMS: usize, const RING: usize> Relay<M, STREAMS, R
             return Ok(None);
         }
         if entry.value.is_native() {
-            return self.transmit_native_data(slot, now, buf);
+            return self.transmit_native_data(slot, now, buf, owned);
         }
         let Some(message) = entry.value.to_tunnel.front() else {
             return Ok(None);
@@ -1381,25 +1425,23 @@ impl<M: PayloadBuf, const STREAMS: usize, const RING: usize> Relay<M, STREAMS, R
             }
             .encode(Some(id), unix, buf)?
         };
-        self.sent_front(slot);
-        Ok(Some(n))
+        let _ = self.sent_front(slot);
+        Ok(Some(Transmit::Encoded(n)))
     }
 
-    /// The front message toward the tunnel of `slot` was encoded: drops it and lets the upstream
-    /// be read again once the ring is below half.
-    fn sent_front(&mut self, slot: Slot) {
-        if let Some(entry) = self.streams.at_mut(slot) {
-            let d = &mut entry.value;
-            let len = d.to_tunnel.front().map_or(0, |m| m.payload.len());
-            if let Some(tcp) = d.tcp_mut() {
-                tcp.bytes_sent += len as u64;
-            }
-            d.to_tunnel.pop();
-            if d.reading_stopped && d.to_tunnel.is_below_half() {
-                d.reading_stopped = false;
-                d.flow = Some(Flow::Resume);
-            }
+    /// The front message toward the tunnel of `slot` was sent: takes it out (returned) and lets
+    /// the upstream be read again once the ring is below half.
+    fn sent_front(&mut self, slot: Slot) -> Option<Message<M>> {
+        let d = &mut self.streams.at_mut(slot)?.value;
+        let message = d.to_tunnel.pop()?;
+        if let Some(tcp) = d.tcp_mut() {
+            tcp.bytes_sent += message.payload.len() as u64;
         }
+        if d.reading_stopped && d.to_tunnel.is_below_half() {
+            d.reading_stopped = false;
+            d.flow = Some(Flow::Resume);
+        }
+        Some(message)
     }
 
     fn encode_register(&self, unix: UnixTime, buf: &mut [u8]) -> Result<usize, TransmitError> {

@@ -12,8 +12,8 @@ use crate::time::Instant;
 use crate::wire::native::{self, DataKind, FrameKind, NativeError, NativeFrame};
 
 use super::{
-    Close, Handled, MessageKind, PayloadBuf, Relay, StartFields, TransmitError, TunnelError,
-    stream_id,
+    Close, Handled, MessageKind, PayloadBuf, Relay, StartFields, Transmit, TransmitError,
+    TunnelError, stream_id,
 };
 
 impl<M: PayloadBuf, const STREAMS: usize, const RING: usize> Relay<M, STREAMS, RING> {
@@ -39,24 +39,7 @@ impl<M: PayloadBuf, const STREAMS: usize, const RING: usize> Relay<M, STREAMS, R
                 stream,
                 kind,
                 payload,
-            } => {
-                let Some(slot) = self.find_wire(stream) else {
-                    return self.unknown_wire(stream);
-                };
-                if let Some(entry) = self.streams.at_mut(slot)
-                    && entry.state() != StreamState::Closing
-                    && let Err(e) = entry.value.credit.on_received(payload.len())
-                {
-                    let id = entry.id().clone();
-                    self.close_from_tunnel(now, slot, Close::new(1008, "flow control violated"));
-                    return Err(self.reject_stream(&id, TunnelError::Credit(e)));
-                }
-                let kind = match kind {
-                    DataKind::Text => MessageKind::Text,
-                    DataKind::Binary => MessageKind::Binary,
-                };
-                self.push_upstream(now, slot, kind, payload)
-            }
+            } => self.on_native_data(now, stream, kind, payload.len(), || M::from_slice(payload)),
             NativeFrame::Close {
                 stream,
                 code,
@@ -88,6 +71,67 @@ impl<M: PayloadBuf, const STREAMS: usize, const RING: usize> Relay<M, STREAMS, R
                 Err(self.reject_id(wire_name(stream), true, error))
             }
         }
+    }
+
+    /// Handles a native data frame held in an owned buffer, sharing its payload instead of
+    /// copying it ([`PayloadBuf::sliced`]). Same contract as
+    /// [`handle_tunnel_message`](Self::handle_tunnel_message) for that frame (a data frame never
+    /// yields [`Handled::Start`] or [`Handled::Other`], and never blocks in native mode).
+    ///
+    /// Call it only on a native session ([`is_native`](Self::is_native)) for frames that
+    /// [`native::is_data`] accepts; anything else is refused with
+    /// [`TunnelError::UnexpectedFrame`] and should go to `handle_tunnel_message`.
+    ///
+    /// # Errors
+    /// As [`handle_tunnel_message`](Self::handle_tunnel_message).
+    pub fn handle_native_data(&mut self, now: Instant, frame: M) -> Result<(), TunnelError> {
+        self.handle_tunnel_activity(now);
+        if self.replies.is_full() {
+            return Err(self.block(super::Blocker::Replies));
+        }
+        if !self.is_native() || !native::is_data(frame.as_bytes()) {
+            return Err(TunnelError::UnexpectedFrame(FrameKind::Data));
+        }
+        let (stream, kind, len) =
+            match NativeFrame::decode(frame.as_bytes(), self.config.max_message) {
+                Ok(NativeFrame::Data {
+                    stream,
+                    kind,
+                    payload,
+                }) => (stream, kind, payload.len()),
+                Ok(other) => return Err(TunnelError::UnexpectedFrame(other.kind())),
+                Err(e) => return Err(self.reject_native(now, e)),
+            };
+        self.on_native_data(now, stream, kind, len, || frame.sliced(native::HEADER_LEN))
+            .map(|_| ())
+    }
+
+    /// A data message of `len` bytes for native stream `wire`: checks its credit and queues it
+    /// for the upstream, its buffer built by `make`.
+    fn on_native_data<'a>(
+        &mut self,
+        now: Instant,
+        wire: u32,
+        kind: DataKind,
+        len: usize,
+        make: impl FnOnce() -> Option<M>,
+    ) -> Result<Handled<'a>, TunnelError> {
+        let Some(slot) = self.find_wire(wire) else {
+            return self.unknown_wire(wire);
+        };
+        if let Some(entry) = self.streams.at_mut(slot)
+            && entry.state() != StreamState::Closing
+            && let Err(e) = entry.value.credit.on_received(len)
+        {
+            let id = entry.id().clone();
+            self.close_from_tunnel(now, slot, Close::new(1008, "flow control violated"));
+            return Err(self.reject_stream(&id, TunnelError::Credit(e)));
+        }
+        let kind = match kind {
+            DataKind::Text => MessageKind::Text,
+            DataKind::Binary => MessageKind::Binary,
+        };
+        self.push_upstream_with(now, slot, kind, len, make)
     }
 
     fn on_native_start<'a>(
@@ -228,7 +272,8 @@ impl<M: PayloadBuf, const STREAMS: usize, const RING: usize> Relay<M, STREAMS, R
         slot: Slot,
         now: Instant,
         buf: &mut [u8],
-    ) -> Result<Option<usize>, TransmitError> {
+        owned: bool,
+    ) -> Result<Option<Transmit<M>>, TransmitError> {
         let Some(entry) = self.streams.at_mut(slot) else {
             return Ok(None);
         };
@@ -247,15 +292,25 @@ impl<M: PayloadBuf, const STREAMS: usize, const RING: usize> Relay<M, STREAMS, R
             MessageKind::Text => DataKind::Text,
             MessageKind::Binary => DataKind::Binary,
         };
-        let n = native::HEADER_LEN + payload.len();
+        let header = native::data_header(d.wire, kind);
+        let len = payload.len();
+        if owned {
+            d.credit.on_sent(len);
+            let Some(message) = self.sent_front(slot) else {
+                return Ok(None);
+            };
+            let payload = message.payload;
+            return Ok(Some(Transmit::Data { header, payload }));
+        }
+        let n = native::HEADER_LEN + len;
         let out = buf
             .get_mut(..n)
             .ok_or(TransmitError::BufferTooSmall { needed: n })?;
-        out[..native::HEADER_LEN].copy_from_slice(&native::data_header(d.wire, kind));
+        out[..native::HEADER_LEN].copy_from_slice(&header);
         out[native::HEADER_LEN..].copy_from_slice(payload);
-        d.credit.on_sent(payload.len());
-        self.sent_front(slot);
-        Ok(Some(n))
+        d.credit.on_sent(len);
+        let _ = self.sent_front(slot);
+        Ok(Some(Transmit::Encoded(n)))
     }
 
     /// Whether the front message toward the tunnel of `slot` is small enough to go ahead of bulk

@@ -51,6 +51,13 @@ pub const MAX_CLOSE_REASON: usize = 123;
 /// The data frame flag marking a binary message (clear: text).
 const FLAG_BINARY: u8 = 0x01;
 
+/// `true` iff `frame` starts like a data frame (its first byte is [`FrameKind::Data`]); says
+/// nothing about whether the rest is valid. For adapters that hand data frames over as owned
+/// buffers.
+pub fn is_data(frame: &[u8]) -> bool {
+    frame.first() == Some(&(FrameKind::Data as u8))
+}
+
 /// `true` iff the first byte of `frame` is a known frame kind (1..=6).
 ///
 /// JSON (even with leading whitespace) never starts with those bytes, so an adapter can use

@@ -15,7 +15,9 @@ use std::time::{SystemTime, UNIX_EPOCH};
 use bytes::Bytes;
 use futures_util::stream::SplitSink;
 use futures_util::{FutureExt as _, SinkExt as _, StreamExt as _};
-use tether_core::relay::{Event, Handled, MessageKind, SendError, SessionInfo, TunnelError};
+use tether_core::relay::{
+    Event, Handled, MessageKind, SendError, SessionInfo, Transmit, TunnelError,
+};
 use tether_core::request::{Cancelled, RequestBody, RequestError, RequestEvent, ResponseError};
 use tether_core::wire::{Body, Inbound, JsonStr, Outbound, UnixTime};
 use tokio::sync::mpsc;
@@ -345,11 +347,19 @@ impl Session<'_> {
                     break;
                 }
                 let now = self.shared.now();
-                match self.relay.poll_transmit(now, unix, self.txbuf) {
-                    Ok(Some(n)) => {
+                match self.relay.poll_transmit_owned(now, unix, self.txbuf) {
+                    Ok(Some(Transmit::Encoded(n))) => {
                         progressed = true;
                         written += n;
                         self.feed(n).await?;
+                    }
+                    Ok(Some(Transmit::Data { header, payload })) => {
+                        progressed = true;
+                        written += header.len() + payload.0.len();
+                        self.sink
+                            .feed(Message::Binary(Buf::frame(&header, &payload)))
+                            .await
+                            .map_err(|e| format!("tunnel write failed: {e}"))?;
                     }
                     Ok(None) => break,
                     Err(e) => {
@@ -570,6 +580,11 @@ impl Session<'_> {
     ) -> Result<(), String> {
         match message {
             Some(Ok(Message::Text(text))) => self.on_tunnel(Vec::from(text.as_bytes())),
+            Some(Ok(Message::Binary(bytes)))
+                if self.relay.is_native() && tether_core::wire::native::is_data(&bytes) =>
+            {
+                self.on_native_data(bytes);
+            }
             Some(Ok(Message::Binary(bytes))) => self.on_tunnel(bytes.to_vec()),
             Some(Ok(Message::Ping(_) | Message::Pong(_) | Message::Frame(_))) => {
                 self.relay.handle_tunnel_activity(self.shared.now());
@@ -586,6 +601,20 @@ impl Session<'_> {
             None => return Err("tunnel connection closed".to_string()),
         }
         Ok(())
+    }
+
+    /// A native data frame: handed to the relay without copying its payload.
+    fn on_native_data(&mut self, frame: bytes::Bytes) {
+        let now = self.shared.now();
+        match self.relay.handle_native_data(now, Buf(frame.clone())) {
+            Ok(()) => {}
+            // Only when the reply queue is full: the usual path parks it and pauses.
+            Err(TunnelError::Blocked) => self.on_tunnel(frame.to_vec()),
+            Err(e) => {
+                self.shared.metrics.tunnel_error(&e);
+                debug!("native data frame refused: {e}");
+            }
+        }
     }
 
     fn on_tunnel(&mut self, frame: Vec<u8>) {

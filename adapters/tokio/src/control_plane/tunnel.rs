@@ -13,7 +13,7 @@ use tether_core::gateway::{
     Config, Event, Gateway, Handled, HttpRequest, OpenError, Stats, StreamRequest, TcpOpen,
     TunnelError,
 };
-use tether_core::relay::{Message, SendError, TransmitError};
+use tether_core::relay::{Message, SendError, Transmit, TransmitError};
 use tether_core::time::Instant as CoreInstant;
 use tether_core::wire::UnixTime;
 use tokio::io::{AsyncRead, AsyncWrite};
@@ -273,6 +273,17 @@ impl Tunnel {
     fn on_message(&mut self, message: Option<Result<WsMessage, WsError>>) {
         match message {
             Some(Ok(WsMessage::Text(text))) => self.handle_frame(text.as_bytes().to_vec()),
+            Some(Ok(WsMessage::Binary(bytes)))
+                if self.gw.is_native() && tether_core::wire::native::is_data(&bytes) =>
+            {
+                let now = self.now();
+                match self.gw.handle_native_data(now, Buf(bytes.clone())) {
+                    Ok(()) => {}
+                    // Only when the reply queue is full: the usual path parks it and pauses.
+                    Err(TunnelError::Blocked) => self.handle_frame(bytes.to_vec()),
+                    Err(e) => self.state.metrics.tunnel_error(&e),
+                }
+            }
             Some(Ok(WsMessage::Binary(bytes))) => self.handle_frame(bytes.to_vec()),
             Some(Ok(WsMessage::Ping(_) | WsMessage::Pong(_))) => {
                 let now = self.now();
@@ -309,8 +320,15 @@ impl Tunnel {
             let mut progressed = false;
             if self.pending_out.is_none() {
                 let now = self.now();
-                match self.gw.poll_transmit(now, Self::unix(), &mut self.buf) {
-                    Ok(Some(n)) => {
+                match self
+                    .gw
+                    .poll_transmit_owned(now, Self::unix(), &mut self.buf)
+                {
+                    Ok(Some(Transmit::Data { header, payload })) => {
+                        self.pending_out = Some(WsMessage::Binary(Buf::frame(&header, &payload)));
+                        progressed = true;
+                    }
+                    Ok(Some(Transmit::Encoded(n))) => {
                         let bytes = &self.buf[..n];
                         let native = tether_core::wire::native::is_native(bytes);
                         self.pending_out = Some(match std::str::from_utf8(bytes) {
