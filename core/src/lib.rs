@@ -35,6 +35,7 @@ mod native_tests;
 #[cfg(test)]
 extern crate std;
 
+pub mod budget;
 pub mod credit;
 pub mod gateway;
 pub mod relay;

@@ -26,6 +26,10 @@ type Queue<T, const CAP: usize> = heapless::Deque<T, CAP>;
 /// Default per-ring byte budget: 1 MiB.
 pub const DEFAULT_RING_BYTES: usize = 1 << 20;
 
+/// Default budget shared by all of a tunnel end's rings toward the tunnel: 64 MiB (see
+/// [`crate::budget`]).
+pub const DEFAULT_GLOBAL_BYTES: usize = 64 << 20;
+
 /// Default per-ring message capacity.
 pub const DEFAULT_RING_MESSAGES: usize = 100;
 

@@ -445,9 +445,14 @@ async fn write_loop<W: Write, const N: usize, const STREAMS: usize, const RING: 
         });
         match sent {
             Ok(Some(n)) => {
-                if let Err(e) =
-                    timed(ws::write_frame(writer, FrameType::Text(false), tx, n, rng)).await
-                {
+                // Native frames (once negotiated) are binary messages; JSON envelopes are text.
+                let body = &tx[HEADER_ROOM..HEADER_ROOM + n];
+                let kind = if tether_core::wire::native::is_native(body) {
+                    FrameType::Binary(false)
+                } else {
+                    FrameType::Text(false)
+                };
+                if let Err(e) = timed(ws::write_frame(writer, kind, tx, n, rng)).await {
                     return e;
                 }
                 continue;

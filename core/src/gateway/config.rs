@@ -1,7 +1,7 @@
 //! Gateway configuration and its defaults.
 
 use crate::relay::DEFAULT_MAX_MESSAGE;
-use crate::ring::DEFAULT_RING_BYTES;
+use crate::ring::{DEFAULT_GLOBAL_BYTES, DEFAULT_RING_BYTES};
 use crate::time::Duration;
 use crate::wire::Extensions;
 
@@ -28,6 +28,9 @@ pub struct Config {
     /// Tether extensions advertised in `register_success`. Each is used only if the agent offered it
     /// in `register` too (default: all).
     pub extensions: Extensions,
+    /// Bytes all streams of the tunnel may queue toward the agent together (default 64 MiB); see
+    /// [`crate::budget`].
+    pub global_bytes: usize,
 }
 
 impl Default for Config {
@@ -39,6 +42,7 @@ impl Default for Config {
             ping_interval: Duration::from_secs(10),
             read_deadline: Duration::from_secs(60),
             extensions: Extensions::ALL,
+            global_bytes: DEFAULT_GLOBAL_BYTES,
         }
     }
 }

@@ -97,6 +97,7 @@ use core::fmt::Write as _;
 
 use heapless::{Deque, String};
 
+use crate::budget::Budget;
 use crate::credit::Credit;
 use crate::flow::TunnelPause;
 use crate::keepalive::Keepalive;
@@ -220,6 +221,7 @@ pub struct Gateway<M, const STREAMS: usize, const RING: usize = DEFAULT_RING_MES
     replies: Deque<Reply, REPLY_QUEUE>,
     recently_closed: RecentlyClosed<RECENTLY_CLOSED>,
     pause: TunnelPause<Blocker>,
+    budget: Budget,
     control_cursor: Option<Slot>,
     data_cursor: Option<Slot>,
     event_cursor: Option<Slot>,
@@ -242,6 +244,7 @@ impl<M: PayloadBuf, const STREAMS: usize, const RING: usize> Gateway<M, STREAMS,
             replies: Deque::new(),
             recently_closed: RecentlyClosed::new(),
             pause: TunnelPause::new(),
+            budget: Budget::new(config.global_bytes),
             control_cursor: None,
             data_cursor: None,
             event_cursor: None,
@@ -488,9 +491,15 @@ impl<M: PayloadBuf, const STREAMS: usize, const RING: usize> Gateway<M, STREAMS,
         payload: M,
     ) -> Result<(), SendError<M>> {
         let _ = now;
-        if payload.len() > self.config.max_message {
+        let len = payload.len();
+        if len > self.config.max_message {
             return Err(SendError::TooLarge(payload));
         }
+        let Some(own) = self.streams.get(stream).map(|e| e.value.to_agent.bytes()) else {
+            return Err(SendError::Closed(payload));
+        };
+        let (streams, live) = (&self.streams, self.streams.len());
+        let admitted = self.budget.admits(own, len, live, || toward_agent(streams));
         let Some(entry) = self.streams.get_mut(stream) else {
             return Err(SendError::Closed(payload));
         };
@@ -504,7 +513,22 @@ impl<M: PayloadBuf, const STREAMS: usize, const RING: usize> Gateway<M, STREAMS,
         if !accepting {
             return Err(SendError::Closed(payload));
         }
+        if !admitted {
+            if !d.budget_stopped {
+                d.budget_stopped = true;
+                self.budget.on_stopped();
+            }
+            if !d.reading_stopped {
+                d.reading_stopped = true;
+                d.flow = Some(Flow::Stop);
+                debug!("stream {}: client reads paused (shared budget)", stream);
+            }
+            return Err(SendError::Full(payload));
+        }
         let result = d.to_agent.push(Message { kind, payload });
+        if result.is_ok() {
+            self.budget.on_queued(len);
+        }
         if (result.is_err() || d.to_agent.is_full()) && !d.reading_stopped {
             d.reading_stopped = true;
             d.flow = Some(Flow::Stop);
@@ -1713,9 +1737,26 @@ impl<M: PayloadBuf, const STREAMS: usize, const RING: usize> Gateway<M, STREAMS,
     fn sent_front(&mut self, slot: Slot) -> Option<Message<M>> {
         let d = &mut self.streams.at_mut(slot)?.value;
         let message = d.to_agent.pop()?;
-        if d.reading_stopped && d.to_agent.is_below_half() {
+        if d.budget_stopped && d.to_agent.is_empty() {
+            // Its own ring is empty: the shared budget admits it again (see `crate::budget`).
+            d.budget_stopped = false;
+        }
+        if d.reading_stopped && !d.budget_stopped && d.to_agent.is_below_half() {
             d.reading_stopped = false;
             d.flow = Some(Flow::Resume);
+        }
+        let streams = &self.streams;
+        if self.budget.take_resume(|| toward_agent(streams)) {
+            for (_, entry) in self.streams.iter_mut() {
+                let d = &mut entry.value;
+                if core::mem::take(&mut d.budget_stopped)
+                    && d.reading_stopped
+                    && d.to_agent.is_below_half()
+                {
+                    d.reading_stopped = false;
+                    d.flow = Some(Flow::Resume);
+                }
+            }
         }
         Some(message)
     }
@@ -1747,6 +1788,13 @@ impl<M: PayloadBuf, const STREAMS: usize, const RING: usize> Gateway<M, STREAMS,
             .ok()
             .and_then(|id| self.streams.find(id))
     }
+}
+
+/// Bytes queued toward the agent in every stream's ring.
+fn toward_agent<M: PayloadBuf, const STREAMS: usize, const RING: usize>(
+    streams: &StreamTable<StreamData<M, RING>, STREAMS>,
+) -> usize {
+    streams.iter().map(|(_, e)| e.value.to_agent.bytes()).sum()
 }
 
 fn reply_id(id: Option<JsonStr<'_>>) -> String<MAX_REPLY_ID> {

@@ -72,6 +72,8 @@ pub(crate) struct StreamData<M, const RING: usize> {
     pub(crate) wire: u32,
     /// Credit windows (native mode only).
     pub(crate) credit: Credit,
+    /// Reading the client was stopped by the shared budget ([`crate::budget`]).
+    pub(crate) budget_stopped: bool,
 }
 
 impl<M: Payload, const RING: usize> StreamData<M, RING> {
@@ -99,6 +101,7 @@ impl<M: Payload, const RING: usize> StreamData<M, RING> {
             deadline: Some(deadline),
             wire: 0,
             credit: Credit::ZERO,
+            budget_stopped: false,
         }
     }
 

@@ -1,6 +1,6 @@
 //! Relay configuration and its defaults.
 
-use crate::ring::DEFAULT_RING_BYTES;
+use crate::ring::{DEFAULT_GLOBAL_BYTES, DEFAULT_RING_BYTES};
 use crate::time::Duration;
 use crate::wire::Extensions;
 
@@ -34,6 +34,9 @@ pub struct Config {
     /// code and reason, error status). Each is used only if offered here *and* advertised by the
     /// control plane in `register_success`; a PipeOps control plane advertises none (default: all).
     pub extensions: Extensions,
+    /// Bytes all streams may queue toward the control plane together (default 64 MiB); see
+    /// [`crate::budget`].
+    pub global_bytes: usize,
 }
 
 impl Default for Config {
@@ -47,6 +50,7 @@ impl Default for Config {
             ping_interval: Duration::from_secs(10),
             read_deadline: Duration::from_secs(60),
             extensions: Extensions::ALL,
+            global_bytes: DEFAULT_GLOBAL_BYTES,
         }
     }
 }

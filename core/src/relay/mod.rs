@@ -88,6 +88,7 @@ use core::fmt::Write as _;
 
 use heapless::{Deque, String};
 
+use crate::budget::Budget;
 use crate::flow::TunnelPause;
 use crate::keepalive::Keepalive;
 use crate::recent::RecentlyClosed;
@@ -250,6 +251,7 @@ pub struct Relay<M, const STREAMS: usize, const RING: usize = DEFAULT_RING_MESSA
     fallbacks: heapless::Vec<String<MAX_TYPE_NAME>, FALLBACK_TYPES>,
     recently_closed: RecentlyClosed<RECENTLY_CLOSED>,
     pause: TunnelPause<Blocker>,
+    budget: Budget,
     control_cursor: Option<Slot>,
     data_cursor: Option<Slot>,
     event_cursor: Option<Slot>,
@@ -284,6 +286,7 @@ impl<M: PayloadBuf, const STREAMS: usize, const RING: usize> Relay<M, STREAMS, R
             fallbacks: heapless::Vec::new(),
             recently_closed: RecentlyClosed::new(),
             pause: TunnelPause::new(),
+            budget: Budget::new(config.global_bytes),
             control_cursor: None,
             data_cursor: None,
             event_cursor: None,
@@ -1059,9 +1062,17 @@ impl<M: PayloadBuf, const STREAMS: usize, const RING: usize> Relay<M, STREAMS, R
         payload: M,
     ) -> Result<(), SendError<M>> {
         let _ = now;
-        if payload.len() > self.config.max_message {
+        let len = payload.len();
+        if len > self.config.max_message {
             return Err(SendError::TooLarge(payload));
         }
+        let Some(own) = self.streams.get(stream).map(|e| e.value.to_tunnel.bytes()) else {
+            return Err(SendError::Closed(payload));
+        };
+        let (streams, live) = (&self.streams, self.streams.len());
+        let admitted = self
+            .budget
+            .admits(own, len, live, || toward_tunnel(streams));
         let Some(entry) = self.streams.get_mut(stream) else {
             return Err(SendError::Closed(payload));
         };
@@ -1075,7 +1086,22 @@ impl<M: PayloadBuf, const STREAMS: usize, const RING: usize> Relay<M, STREAMS, R
         if !accepting {
             return Err(SendError::Closed(payload));
         }
+        if !admitted {
+            if !d.budget_stopped {
+                d.budget_stopped = true;
+                self.budget.on_stopped();
+            }
+            if !d.reading_stopped {
+                d.reading_stopped = true;
+                d.flow = Some(Flow::Stop);
+                debug!("stream {}: upstream reads paused (shared budget)", stream);
+            }
+            return Err(SendError::Full(payload));
+        }
         let result = d.to_tunnel.push(Message { kind, payload });
+        if result.is_ok() {
+            self.budget.on_queued(len);
+        }
         if (result.is_err() || d.to_tunnel.is_full()) && !d.reading_stopped {
             d.reading_stopped = true;
             d.flow = Some(Flow::Stop);
@@ -1437,9 +1463,26 @@ impl<M: PayloadBuf, const STREAMS: usize, const RING: usize> Relay<M, STREAMS, R
         if let Some(tcp) = d.tcp_mut() {
             tcp.bytes_sent += message.payload.len() as u64;
         }
-        if d.reading_stopped && d.to_tunnel.is_below_half() {
+        if d.budget_stopped && d.to_tunnel.is_empty() {
+            // Its own ring is empty: the shared budget admits it again (see `crate::budget`).
+            d.budget_stopped = false;
+        }
+        if d.reading_stopped && !d.budget_stopped && d.to_tunnel.is_below_half() {
             d.reading_stopped = false;
             d.flow = Some(Flow::Resume);
+        }
+        let streams = &self.streams;
+        if self.budget.take_resume(|| toward_tunnel(streams)) {
+            for (_, entry) in self.streams.iter_mut() {
+                let d = &mut entry.value;
+                if core::mem::take(&mut d.budget_stopped)
+                    && d.reading_stopped
+                    && d.to_tunnel.is_below_half()
+                {
+                    d.reading_stopped = false;
+                    d.flow = Some(Flow::Resume);
+                }
+            }
         }
         Some(message)
     }
@@ -1536,6 +1579,13 @@ impl<M: PayloadBuf, const STREAMS: usize, const RING: usize> Relay<M, STREAMS, R
             .ok()
             .and_then(|id| self.streams.find(id))
     }
+}
+
+/// Bytes queued toward the tunnel in every stream's ring.
+fn toward_tunnel<M: PayloadBuf, const STREAMS: usize, const RING: usize>(
+    streams: &StreamTable<StreamData<M, RING>, STREAMS>,
+) -> usize {
+    streams.iter().map(|(_, e)| e.value.to_tunnel.bytes()).sum()
 }
 
 /// What a start asks to dial, from a `proxy_websocket_start` or [`Relay::start_stream`].

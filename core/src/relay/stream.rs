@@ -68,6 +68,8 @@ pub(crate) struct StreamData<M, const RING: usize> {
     pub(crate) wire: u32,
     /// Credit windows (native mode only).
     pub(crate) credit: Credit,
+    /// Reading the upstream was stopped by the shared budget ([`crate::budget`]).
+    pub(crate) budget_stopped: bool,
 }
 
 impl<M: Payload, const RING: usize> StreamData<M, RING> {
@@ -91,6 +93,7 @@ impl<M: Payload, const RING: usize> StreamData<M, RING> {
             deadline: Some(dial_deadline),
             wire: 0,
             credit: Credit::ZERO,
+            budget_stopped: false,
         }
     }
 

@@ -26,6 +26,9 @@ pub(crate) const SCRATCH_LEN: usize = scratch_len(RX_LEN);
 pub(crate) const TX_LEN: usize = tx_len(N);
 /// Per-ring byte budget: the ring can fill its slots.
 pub(crate) const RING_BYTES: usize = RING * N;
+/// Budget of all rings toward the tunnel together: every ring can fill (the slots bound memory
+/// here, not bytes).
+pub(crate) const GLOBAL_BYTES: usize = STREAMS * RING_BYTES;
 
 /// Bytes of the big static items: the gateway (relay, rings, mailboxes), the tunnel buffers and
 /// every socket buffer.

@@ -126,6 +126,7 @@ const RELAY_CONFIG: Config = Config {
     ping_interval: Duration::from_secs(10),
     read_deadline: Duration::from_secs(60),
     extensions: Extensions::ALL,
+    global_bytes: budget::GLOBAL_BYTES,
 };
 
 // Everything big is const-initialised in place: nothing of it is ever built on the stack.

@@ -143,6 +143,7 @@ fn run_on_this_thread(args: Args) -> ! {
     let config = Config {
         ring_bytes: budget::RING_BYTES,
         max_message: budget::RX_LEN,
+        global_bytes: budget::GLOBAL_BYTES,
         ..Config::default()
     };
     let config = Config {

@@ -13,7 +13,7 @@ use crate::buf::Buf;
 
 /// Messages a stream may have in flight per direction between its client task and its tunnel task,
 /// on top of the gateway's own rings.
-pub(crate) const CLIENT_WINDOW: usize = 16;
+pub(crate) const CLIENT_WINDOW: usize = 4;
 
 /// Credits shared by a client task and its tunnel task.
 #[derive(Debug)]
