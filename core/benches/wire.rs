@@ -1,12 +1,14 @@
-//! Criterion benches of the compat wire codecs (issue 5, item 6): envelope encode/decode of a
-//! `proxy_websocket_data` message and data-frame (`[opcode][payload]` base64) encode/decode,
-//! at the payload sizes the end-to-end benches use (64 B interactive, 32 KiB bulk).
+//! Criterion benches of the wire codecs (issue 5, item 6): compat envelope encode/decode of a
+//! `proxy_websocket_data` message, the compat data frame (`[opcode][payload]` base64), and the
+//! native data frame (6-byte header, raw payload), at the payload sizes the end-to-end benches
+//! use (64 B interactive, 32 KiB bulk).
 //!
 //! `cargo bench -p tether-core --bench wire`; `cargo xtask bench` runs it and tabulates it.
 
 use std::hint::black_box;
 
 use criterion::{BenchmarkId, Criterion, Throughput, criterion_group, criterion_main};
+use tether_core::wire::native::{self, DataKind, NativeFrame};
 use tether_core::wire::{DataFrame, Inbound, Outbound, UnixTime};
 
 const SIZES: [usize; 2] = [64, 32 * 1024];
@@ -93,5 +95,47 @@ fn envelope_codec(c: &mut Criterion) {
     g.finish();
 }
 
-criterion_group!(benches, data_frame, envelope_codec);
+/// Native data frames: encode = header + payload copied into the transmit buffer (what
+/// `poll_transmit` does; `poll_transmit_owned` skips the copy), decode = header checks and the
+/// payload view (what a receiver does before queueing it).
+fn native_frame(c: &mut Criterion) {
+    let mut g = c.benchmark_group("native_frame");
+    for len in SIZES {
+        let data = payload(len);
+        let frame = NativeFrame::Data {
+            stream: 7,
+            kind: DataKind::Binary,
+            payload: &data,
+        };
+        let mut wire = vec![0; frame.encoded_len()];
+        let n = frame.encode(&mut wire).expect("encode");
+        wire.truncate(n);
+        g.throughput(Throughput::Bytes(len as u64));
+        g.bench_with_input(BenchmarkId::new("encode", len), &data, |b, data| {
+            let mut out = vec![0; wire.len()];
+            b.iter(|| {
+                NativeFrame::Data {
+                    stream: 7,
+                    kind: DataKind::Binary,
+                    payload: black_box(data),
+                }
+                .encode(&mut out)
+                .expect("encode")
+            })
+        });
+        g.bench_with_input(BenchmarkId::new("decode", len), &wire, |b, wire| {
+            b.iter(|| {
+                let f = NativeFrame::decode(black_box(wire), usize::MAX).expect("decode");
+                let NativeFrame::Data { payload, .. } = f else {
+                    panic!("not data")
+                };
+                black_box(payload.len())
+            })
+        });
+        assert_eq!(native::HEADER_LEN + len, wire.len());
+    }
+    g.finish();
+}
+
+criterion_group!(benches, data_frame, envelope_codec, native_frame);
 criterion_main!(benches);
