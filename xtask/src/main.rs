@@ -90,6 +90,12 @@ fn ci() -> Result<(), step::Failure> {
             ],
         ),
         step::Step::cargo("test", &["test"]),
+        // The workspace test above builds tether-core with the std adapters' `alloc` feature
+        // (heap rings and tables); embedded builds use inline storage, tested here on its own.
+        step::Step::cargo(
+            "test tether-core (inline storage, no alloc)",
+            &["test", "-p", "tether-core", "--lib"],
+        ),
         step::Step::cargo(
             "test tether-embassy --features tls",
             &["test", "-p", "tether-embassy", "--features", "tls"],
