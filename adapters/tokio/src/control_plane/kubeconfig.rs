@@ -65,7 +65,28 @@ pub fn read_endpoint(state_dir: &Path) -> io::Result<String> {
 /// # Errors
 /// The file cannot be written.
 pub fn write_endpoint(state_dir: &Path, base_url: &str) -> io::Result<()> {
-    fs::write(state_dir.join(ENDPOINT_FILE), format!("{base_url}\n"))
+    write_whole(
+        &state_dir.join(ENDPOINT_FILE),
+        format!("{base_url}\n").as_bytes(),
+    )
+}
+
+/// Writes `bytes` to `path` so that a reader sees the old file or the whole new one, never a
+/// partial one (`kubeconfig` and scripts poll for these files while `serve` starts): a private
+/// (0600) temporary file in the same directory, renamed over `path`.
+fn write_whole(path: &Path, bytes: &[u8]) -> io::Result<()> {
+    let mut tmp = path.as_os_str().to_owned();
+    tmp.push(".tmp");
+    let tmp = std::path::PathBuf::from(tmp);
+    let mut options = fs::OpenOptions::new();
+    options.write(true).create(true).truncate(true);
+    #[cfg(unix)]
+    {
+        use std::os::unix::fs::OpenOptionsExt as _;
+        options.mode(0o600);
+    }
+    io::Write::write_all(&mut options.open(&tmp)?, bytes)?;
+    fs::rename(&tmp, path)
 }
 
 /// Records the user tokens `serve` accepts (mode 0600).
@@ -80,15 +101,7 @@ pub fn write_user_tokens(state_dir: &Path, tokens: &[(String, String)]) -> io::R
         text.push_str(token);
         text.push('\n');
     }
-    let path = state_dir.join(USER_TOKENS_FILE);
-    let mut options = fs::OpenOptions::new();
-    options.write(true).create(true).truncate(true);
-    #[cfg(unix)]
-    {
-        use std::os::unix::fs::OpenOptionsExt as _;
-        options.mode(0o600);
-    }
-    io::Write::write_all(&mut options.open(path)?, text.as_bytes())
+    write_whole(&state_dir.join(USER_TOKENS_FILE), text.as_bytes())
 }
 
 /// The token `serve` recorded for `user`, if any.
