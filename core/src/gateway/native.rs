@@ -9,7 +9,7 @@
 use heapless::String;
 
 use crate::credit::INTERACTIVE_MAX;
-use crate::relay::{Close, MessageKind, PayloadBuf, Transmit};
+use crate::relay::{Close, PayloadBuf, Transmit};
 use crate::table::{Slot, StreamState};
 use crate::text::truncated;
 use crate::time::Instant;
@@ -154,11 +154,7 @@ impl<M: PayloadBuf, const STREAMS: usize, const RING: usize> Gateway<M, STREAMS,
             self.close_both(slot, Close::new(1008, "flow control violated"));
             return Err(self.reject_named(name, TunnelError::Credit(e), true));
         }
-        let kind = match kind {
-            DataKind::Text => MessageKind::Text,
-            DataKind::Binary => MessageKind::Binary,
-        };
-        self.push_client_with(slot, kind, len, make)
+        self.push_client_with(slot, kind.into(), len, make)
     }
 
     fn unexpected(&mut self, wire: u32, kind: FrameKind) -> TunnelError {
@@ -263,11 +259,7 @@ impl<M: PayloadBuf, const STREAMS: usize, const RING: usize> Gateway<M, STREAMS,
             return Ok(None);
         };
         let payload = message.payload.as_bytes();
-        let kind = match message.kind {
-            MessageKind::Text => DataKind::Text,
-            MessageKind::Binary => DataKind::Binary,
-        };
-        let header = native::data_header(d.wire, kind);
+        let header = native::data_header(d.wire, message.kind.into());
         let len = payload.len();
         if owned {
             d.credit.on_sent(len);
@@ -278,12 +270,9 @@ impl<M: PayloadBuf, const STREAMS: usize, const RING: usize> Gateway<M, STREAMS,
             let payload = message.payload;
             return Ok(Some(Transmit::Data { header, payload }));
         }
-        let n = native::HEADER_LEN + len;
-        let out = buf
-            .get_mut(..n)
-            .ok_or(TransmitError::BufferTooSmall { needed: n })?;
-        out[..native::HEADER_LEN].copy_from_slice(&header);
-        out[native::HEADER_LEN..].copy_from_slice(payload);
+        let n = native::encode_data_header(buf, d.wire, message.kind.into(), len)
+            .map_err(|e| TransmitError::BufferTooSmall { needed: e.needed })?;
+        buf[native::HEADER_LEN..n].copy_from_slice(payload);
         d.credit.on_sent(len);
         self.stats.bytes_to_agent += len as u64;
         let _ = self.sent_front(slot);

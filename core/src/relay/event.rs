@@ -83,6 +83,24 @@ pub enum MessageKind {
     Binary,
 }
 
+impl From<MessageKind> for crate::wire::native::DataKind {
+    fn from(kind: MessageKind) -> Self {
+        match kind {
+            MessageKind::Text => Self::Text,
+            MessageKind::Binary => Self::Binary,
+        }
+    }
+}
+
+impl From<crate::wire::native::DataKind> for MessageKind {
+    fn from(kind: crate::wire::native::DataKind) -> Self {
+        match kind {
+            crate::wire::native::DataKind::Text => Self::Text,
+            crate::wire::native::DataKind::Binary => Self::Binary,
+        }
+    }
+}
+
 impl From<MessageKind> for Opcode {
     fn from(kind: MessageKind) -> Self {
         match kind {

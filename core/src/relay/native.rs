@@ -12,8 +12,7 @@ use crate::time::Instant;
 use crate::wire::native::{self, DataKind, FrameKind, NativeError, NativeFrame};
 
 use super::{
-    Close, Handled, MessageKind, PayloadBuf, Relay, StartFields, Transmit, TransmitError,
-    TunnelError, stream_id,
+    Close, Handled, PayloadBuf, Relay, StartFields, Transmit, TransmitError, TunnelError, stream_id,
 };
 
 impl<M: PayloadBuf, const STREAMS: usize, const RING: usize> Relay<M, STREAMS, RING> {
@@ -127,11 +126,7 @@ impl<M: PayloadBuf, const STREAMS: usize, const RING: usize> Relay<M, STREAMS, R
             self.close_from_tunnel(now, slot, Close::new(1008, "flow control violated"));
             return Err(self.reject_stream(&id, TunnelError::Credit(e)));
         }
-        let kind = match kind {
-            DataKind::Text => MessageKind::Text,
-            DataKind::Binary => MessageKind::Binary,
-        };
-        self.push_upstream_with(now, slot, kind, len, make)
+        self.push_upstream_with(now, slot, kind.into(), len, make)
     }
 
     fn on_native_start<'a>(
@@ -288,11 +283,7 @@ impl<M: PayloadBuf, const STREAMS: usize, const RING: usize> Relay<M, STREAMS, R
             return Ok(None);
         };
         let payload = message.payload.as_bytes();
-        let kind = match message.kind {
-            MessageKind::Text => DataKind::Text,
-            MessageKind::Binary => DataKind::Binary,
-        };
-        let header = native::data_header(d.wire, kind);
+        let header = native::data_header(d.wire, message.kind.into());
         let len = payload.len();
         if owned {
             d.credit.on_sent(len);
@@ -302,12 +293,9 @@ impl<M: PayloadBuf, const STREAMS: usize, const RING: usize> Relay<M, STREAMS, R
             let payload = message.payload;
             return Ok(Some(Transmit::Data { header, payload }));
         }
-        let n = native::HEADER_LEN + len;
-        let out = buf
-            .get_mut(..n)
-            .ok_or(TransmitError::BufferTooSmall { needed: n })?;
-        out[..native::HEADER_LEN].copy_from_slice(&header);
-        out[native::HEADER_LEN..].copy_from_slice(payload);
+        let n = native::encode_data_header(buf, d.wire, message.kind.into(), len)
+            .map_err(|e| TransmitError::BufferTooSmall { needed: e.needed })?;
+        buf[native::HEADER_LEN..n].copy_from_slice(payload);
         d.credit.on_sent(len);
         let _ = self.sent_front(slot);
         Ok(Some(Transmit::Encoded(n)))
