@@ -68,6 +68,12 @@ impl Budget {
         self.stopped += 1;
     }
 
+    /// A stream stopped by the budget no longer is (its ring emptied, or it was freed), other
+    /// than through [`take_resume`](Self::take_resume).
+    pub(crate) fn on_unstopped(&mut self) {
+        self.stopped = self.stopped.saturating_sub(1);
+    }
+
     /// Whether the streams stopped by the budget may resume (the rings drained below three
     /// quarters of the limit); if so, the caller resumes them all and the count restarts.
     /// `total` computes the exact bytes queued (called only while some stream is stopped).
@@ -116,6 +122,17 @@ mod tests {
         // Two streams: each may hold half the budget.
         assert!(b.admits(3 * MIN_SHARE, MIN_SHARE, 2, || 8 * MIN_SHARE));
         assert!(!b.admits(4 * MIN_SHARE, 1, 2, || 8 * MIN_SHARE));
+    }
+
+    #[test]
+    fn no_walk_once_every_stopped_stream_is_unstopped() {
+        let mut b = Budget::new(1000);
+        b.on_stopped();
+        b.on_stopped();
+        b.on_unstopped();
+        assert!(!b.take_resume(|| 900));
+        b.on_unstopped();
+        assert!(!b.take_resume(|| unreachable!()));
     }
 
     #[test]

@@ -495,12 +495,17 @@ impl<M: PayloadBuf, const STREAMS: usize, const RING: usize> Gateway<M, STREAMS,
         if len > self.config.max_message {
             return Err(SendError::TooLarge(payload));
         }
-        let Some(own) = self.streams.get(stream).map(|e| e.value.to_agent.bytes()) else {
+        // One lookup by id (a scan): the slot serves both the budget check and the push.
+        let Some(slot) = self.streams.find(stream) else {
             return Err(SendError::Closed(payload));
         };
+        let own = self
+            .streams
+            .at(slot)
+            .map_or(0, |e| e.value.to_agent.bytes());
         let (streams, live) = (&self.streams, self.streams.len());
         let admitted = self.budget.admits(own, len, live, || toward_agent(streams));
-        let Some(entry) = self.streams.get_mut(stream) else {
+        let Some(entry) = self.streams.at_mut(slot) else {
             return Err(SendError::Closed(payload));
         };
         let open = entry.state() == StreamState::Open;
@@ -1740,6 +1745,7 @@ impl<M: PayloadBuf, const STREAMS: usize, const RING: usize> Gateway<M, STREAMS,
         if d.budget_stopped && d.to_agent.is_empty() {
             // Its own ring is empty: the shared budget admits it again (see `crate::budget`).
             d.budget_stopped = false;
+            self.budget.on_unstopped();
         }
         if d.reading_stopped && !d.budget_stopped && d.to_agent.is_below_half() {
             d.reading_stopped = false;
@@ -1775,6 +1781,9 @@ impl<M: PayloadBuf, const STREAMS: usize, const RING: usize> Gateway<M, STREAMS,
         }
         if let Ok(Some(entry)) = self.streams.transition(slot, StreamState::Closed) {
             debug!("stream {}: freed", entry.id());
+            if entry.value.budget_stopped {
+                self.budget.on_unstopped();
+            }
             self.recently_closed.remember(entry.id().clone());
             self.stats.streams_closed += 1;
             self.check_unblock();
