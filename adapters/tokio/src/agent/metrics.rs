@@ -196,6 +196,30 @@ impl ErrorClass {
     }
 }
 
+/// How often the ring gauges may walk every stream's rings: they are sampled after a step of
+/// the session (or tunnel) task at most this often, and at the latest on its next timer (the
+/// tunnel ping), instead of on every message.
+pub(crate) const RING_SAMPLE: Duration = Duration::from_millis(100);
+
+/// When the ring gauges were last sampled.
+#[derive(Debug, Default)]
+pub(crate) struct RingSampler(Option<Instant>);
+
+impl RingSampler {
+    /// Whether to sample now (and if so, the clock restarts).
+    pub(crate) fn due(&mut self) -> bool {
+        let now = Instant::now();
+        if self
+            .0
+            .is_some_and(|last| now.duration_since(last) < RING_SAMPLE)
+        {
+            return false;
+        }
+        self.0 = Some(now);
+        true
+    }
+}
+
 /// The class of a tunnel message the relay rejected; `None` for "not consumed, hand it in again"
 /// (`Blocked`, `ScratchTooSmall`), which are not errors.
 #[must_use]
@@ -532,10 +556,13 @@ impl Metrics {
     /// Records the relay's counters, ring occupancy and wire mode, and whether the session has
     /// stopped reading the tunnel (`paused`, timed for `tether_blocked_seconds_total`). Called after
     /// every step of the session task.
-    pub(crate) fn observe_relay(&self, relay: &AgentRelay, paused: bool) {
+    pub(crate) fn observe_relay(&self, relay: &AgentRelay, paused: bool, rings: bool) {
         self.set_relay(relay.stats());
         self.paused.set(0, paused);
         self.native.store(relay.is_native(), Ordering::Relaxed);
+        if !rings {
+            return;
+        }
         let ring = relay.ring_occupancy();
         let as_u64 = |n: usize| u64::try_from(n).unwrap_or(u64::MAX);
         self.ring_messages

@@ -25,7 +25,7 @@ use tokio_tungstenite::tungstenite::Message;
 use tracing::{debug, info, warn};
 
 use super::http::{self, AbortOnDrop, HttpSpec};
-use super::metrics::StreamKind;
+use super::metrics::{RingSampler, StreamKind};
 use super::tunnel::TunnelSocket;
 use super::upstream::{self, StreamCtl, StreamSpec, ToUpstream};
 use super::{AgentRelay, AgentRequests, Shared};
@@ -159,6 +159,8 @@ pub(crate) struct Session<'a> {
     outbox: VecDeque<String>,
     /// The last flush stopped at [`FLUSH_BUDGET`] with more to write.
     backlog: bool,
+    /// When the ring gauges were last sampled (a walk over every stream).
+    rings: RingSampler,
 }
 
 fn unix_now() -> UnixTime {
@@ -203,6 +205,7 @@ pub(crate) async fn run(
         dead: None,
         outbox: VecDeque::new(),
         backlog: false,
+        rings: RingSampler::default(),
     };
     let now = shared.now();
     s.relay.start_session(now, info);
@@ -377,7 +380,7 @@ impl Session<'_> {
             self.shared.metrics.set_requests(self.requests.stats());
             self.shared
                 .metrics
-                .observe_relay(self.relay, self.pause.is_some());
+                .observe_relay(self.relay, self.pause.is_some(), self.rings.due());
             if !progressed || self.dead.is_some() || self.backlog {
                 break;
             }

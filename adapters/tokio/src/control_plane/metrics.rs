@@ -118,8 +118,9 @@ impl Metrics {
     }
 
     /// Records the state of tunnel `generation` (of `cluster`) after a step of its task: whether
-    /// the agent registered, whether the task stopped reading the tunnel, the gateway's rings and
-    /// wire mode. The first registration of a cluster seen registered before counts as a reconnect.
+    /// the agent registered, whether the task stopped reading the tunnel, the wire mode, and the
+    /// gateway's rings when `rings` (see [`RingSampler`](crate::agent::metrics::RingSampler)).
+    /// The first registration of a cluster seen registered before counts as a reconnect.
     pub(crate) fn observe_tunnel(
         &self,
         generation: u64,
@@ -127,21 +128,21 @@ impl Metrics {
         registered: bool,
         paused: bool,
         gw: &Gw,
+        rings: bool,
     ) {
         self.paused.set(generation, paused);
         let native = gw.is_native();
-        let ring = gw.ring_occupancy();
-        let (ring_messages, ring_bytes) = (ring.messages, ring.bytes);
+        let ring = rings.then(|| gw.ring_occupancy());
         let newly_registered = {
             let mut tunnels = self.tunnels.lock().unwrap_or_else(|p| p.into_inner());
             let view = tunnels.entry(generation).or_default();
             let newly = registered && !view.registered;
-            *view = TunnelView {
-                registered,
-                native,
-                ring_messages,
-                ring_bytes,
-            };
+            view.registered = registered;
+            view.native = native;
+            if let Some(ring) = ring {
+                view.ring_messages = ring.messages;
+                view.ring_bytes = ring.bytes;
+            }
             newly
         };
         if newly_registered {

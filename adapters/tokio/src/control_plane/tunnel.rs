@@ -25,6 +25,7 @@ use tokio_tungstenite::tungstenite::{Error as WsError, Message as WsMessage};
 
 use super::State;
 use super::link::{CLIENT_WINDOW, Cmd, Link, OpenRequest, OpenStream, OpenTcp, ToClient};
+use crate::agent::metrics::RingSampler;
 use crate::buf::Buf;
 use crate::wire_mode::WireMode;
 
@@ -118,6 +119,8 @@ struct Tunnel {
     buf: Vec<u8>,
     scratch: Vec<u8>,
     last_stats: Stats,
+    /// When the ring gauges were last sampled (a walk over every stream).
+    rings: RingSampler,
 }
 
 /// Serves one authenticated agent tunnel until it ends. `cmd_tx`/`cmd_rx` is the tunnel's command
@@ -159,6 +162,7 @@ pub(crate) async fn run<S>(
         buf: vec![0; 64 * 1024],
         scratch: vec![0; 64 * 1024],
         last_stats: Stats::default(),
+        rings: RingSampler::default(),
     };
     tracing::info!(cluster = %t.cluster, "agent tunnel connected");
     loop {
@@ -385,7 +389,15 @@ impl Tunnel {
         self.counted_streams = count;
         let (cluster, gw) = (&self.cluster, &self.gw);
         let m = &self.state.metrics;
-        m.observe_tunnel(self.generation, cluster, self.registered, self.paused, gw);
+        let rings = self.rings.due();
+        m.observe_tunnel(
+            self.generation,
+            cluster,
+            self.registered,
+            self.paused,
+            gw,
+            rings,
+        );
     }
 
     fn handle_event(&mut self, event: Event) {
