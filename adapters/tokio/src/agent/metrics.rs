@@ -2,8 +2,8 @@
 //! `/metrics` and `/healthz`.
 //!
 //! Also the building blocks both runtimes share (the control plane's `/metrics` uses them too):
-//! stream gauges and duration histograms per [`StreamKind`], error counters per [`ErrorClass`],
-//! a [`PauseClock`] for time the tunnel reader spent paused, and an [`Exposition`] writer that
+//! stream gauges and duration histograms per `StreamKind`, error counters per `ErrorClass`,
+//! a `PauseClock` for time the tunnel reader spent paused, and an `Exposition` writer that
 //! emits every family's `# HELP` and `# TYPE` exactly once.
 
 use std::collections::HashMap;
