@@ -6,8 +6,6 @@
 //! requests, TCP tunnels and error replies stay JSON envelopes. Flow control follows
 //! [`crate::credit`]: the tunnel reader is never paused for a native stream.
 
-use heapless::String;
-
 use crate::credit::INTERACTIVE_MAX;
 use crate::relay::{Close, PayloadBuf, Transmit};
 use crate::table::{Slot, StreamState};
@@ -16,7 +14,7 @@ use crate::time::Instant;
 use crate::wire::ControlMessage;
 use crate::wire::native::{self, DataKind, FrameKind, NativeError, NativeFrame, StartRequest};
 
-use super::{Gateway, Handled, MAX_REPLY_ID, OpenError, TransmitError, TunnelError};
+use super::{Gateway, Handled, OpenError, TransmitError, TunnelError};
 
 impl<M: PayloadBuf, const STREAMS: usize, const RING: usize> Gateway<M, STREAMS, RING> {
     /// Whether this tunnel speaks the native wire mode (both ends advertised it).
@@ -158,7 +156,11 @@ impl<M: PayloadBuf, const STREAMS: usize, const RING: usize> Gateway<M, STREAMS,
     }
 
     fn unexpected(&mut self, wire: u32, kind: FrameKind) -> TunnelError {
-        self.reject_named(wire_name(wire), TunnelError::UnexpectedFrame(kind), true)
+        self.reject_named(
+            native::stream_name(wire),
+            TunnelError::UnexpectedFrame(kind),
+            true,
+        )
     }
 
     /// Rejects a malformed native frame; an oversize frame for a live stream ends that stream with
@@ -175,7 +177,11 @@ impl<M: PayloadBuf, const STREAMS: usize, const RING: usize> Gateway<M, STREAMS,
             NativeError::TooLarge { len, max, .. } => TunnelError::TooLarge { len, max },
             e => TunnelError::Native(e),
         };
-        self.reject_named(stream.map(wire_name).unwrap_or_default(), error, true)
+        self.reject_named(
+            stream.map(native::stream_name).unwrap_or_default(),
+            error,
+            true,
+        )
     }
 
     /// A frame for a stream number not live: late when the number was handed out (the stream
@@ -186,7 +192,7 @@ impl<M: PayloadBuf, const STREAMS: usize, const RING: usize> Gateway<M, STREAMS,
             debug!("stream #{}: late message after close dropped", wire);
             return Ok(Handled::Consumed);
         }
-        Err(self.reject_named(wire_name(wire), TunnelError::UnknownStream, false))
+        Err(self.reject_named(native::stream_name(wire), TunnelError::UnknownStream, false))
     }
 
     /// The live native stream with tunnel number `wire`.
@@ -217,7 +223,7 @@ impl<M: PayloadBuf, const STREAMS: usize, const RING: usize> Gateway<M, STREAMS,
                 bytes: grant.bytes,
                 messages: grant.messages,
             };
-            let n = encode(&frame, buf)?;
+            let n = frame.encode(buf)?;
             d.credit.on_granted(grant);
             return Ok(Some(n));
         }
@@ -227,7 +233,7 @@ impl<M: PayloadBuf, const STREAMS: usize, const RING: usize> Gateway<M, STREAMS,
                 code: close.code,
                 reason: close.reason.as_str(),
             };
-            let n = encode(&frame, buf)?;
+            let n = frame.encode(buf)?;
             d.owe_agent_close = None;
             d.agent_alive = false;
             self.settle(slot);
@@ -270,8 +276,7 @@ impl<M: PayloadBuf, const STREAMS: usize, const RING: usize> Gateway<M, STREAMS,
             let payload = message.payload;
             return Ok(Some(Transmit::Data { header, payload }));
         }
-        let n = native::encode_data_header(buf, d.wire, message.kind.into(), len)
-            .map_err(|e| TransmitError::BufferTooSmall { needed: e.needed })?;
+        let n = native::encode_data_header(buf, d.wire, message.kind.into(), len)?;
         buf[native::HEADER_LEN..n].copy_from_slice(payload);
         d.credit.on_sent(len);
         self.stats.bytes_to_agent += len as u64;
@@ -291,17 +296,4 @@ impl<M: PayloadBuf, const STREAMS: usize, const RING: usize> Gateway<M, STREAMS,
                 && (!d.is_native() || d.credit.can_send())
         })
     }
-}
-
-fn encode(frame: &NativeFrame<'_>, buf: &mut [u8]) -> Result<usize, TransmitError> {
-    frame
-        .encode(buf)
-        .map_err(|e| TransmitError::BufferTooSmall { needed: e.needed })
-}
-
-/// How a native stream number is named in logs and error replies.
-fn wire_name(wire: u32) -> String<MAX_REPLY_ID> {
-    let mut name = String::new();
-    let _ = core::fmt::write(&mut name, format_args!("#{wire}"));
-    name
 }

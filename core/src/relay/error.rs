@@ -241,6 +241,12 @@ impl fmt::Display for TransmitError {
 
 impl core::error::Error for TransmitError {}
 
+impl From<crate::wire::BufferTooSmall> for TransmitError {
+    fn from(e: crate::wire::BufferTooSmall) -> Self {
+        Self::BufferTooSmall { needed: e.needed }
+    }
+}
+
 impl From<EncodeError> for TransmitError {
     fn from(e: EncodeError) -> Self {
         match e {

@@ -67,7 +67,7 @@ impl<M: PayloadBuf, const STREAMS: usize, const RING: usize> Relay<M, STREAMS, R
             }
             NativeFrame::Started { stream, .. } | NativeFrame::Error { stream, .. } => {
                 let error = TunnelError::UnexpectedFrame(frame.kind());
-                Err(self.reject_id(wire_name(stream), true, error))
+                Err(self.reject_id(native::stream_name(stream), true, error))
             }
         }
     }
@@ -138,7 +138,7 @@ impl<M: PayloadBuf, const STREAMS: usize, const RING: usize> Relay<M, STREAMS, R
         self.session.highest_wire = self.session.highest_wire.max(wire);
         let start = match native::decode_start_body(request) {
             Ok(start) => start,
-            Err(e) => return Err(self.reject_id(wire_name(wire), true, e.into())),
+            Err(e) => return Err(self.reject_id(native::stream_name(wire), true, e.into())),
         };
         let id = match stream_id(start.stream_id) {
             Ok(id) => id,
@@ -180,7 +180,7 @@ impl<M: PayloadBuf, const STREAMS: usize, const RING: usize> Relay<M, STREAMS, R
             NativeError::TooLarge { len, max, .. } => TunnelError::TooLarge { len, max },
             e => TunnelError::Native(e),
         };
-        let name = stream.map(wire_name).unwrap_or_default();
+        let name = stream.map(native::stream_name).unwrap_or_default();
         self.reject_id(name, stream.is_some(), error)
     }
 
@@ -188,7 +188,7 @@ impl<M: PayloadBuf, const STREAMS: usize, const RING: usize> Relay<M, STREAMS, R
         // Numbers are never reused on a tunnel: a frame for a number not live is late (the
         // stream finished) when the number was handed out already, an error otherwise.
         let late = wire <= self.session.highest_wire;
-        self.unknown(late, wire_name(wire))
+        self.unknown(late, native::stream_name(wire))
     }
 
     /// The live native stream with tunnel number `wire`.
@@ -212,14 +212,12 @@ impl<M: PayloadBuf, const STREAMS: usize, const RING: usize> Relay<M, STREAMS, R
         let wire = d.wire;
         let upstream_open = d.upstream_alive && entry.state() != StreamState::Closing;
         let frame = if let Some(grant) = d.credit.grant_due().filter(|_| upstream_open) {
-            let n = encode(
-                &NativeFrame::Credit {
-                    stream: wire,
-                    bytes: grant.bytes,
-                    messages: grant.messages,
-                },
-                buf,
-            )?;
+            let n = NativeFrame::Credit {
+                stream: wire,
+                bytes: grant.bytes,
+                messages: grant.messages,
+            }
+            .encode(buf)?;
             if let Some(e) = self.streams.at_mut(slot) {
                 e.value.credit.on_granted(grant);
             }
@@ -245,7 +243,7 @@ impl<M: PayloadBuf, const STREAMS: usize, const RING: usize> Relay<M, STREAMS, R
             return Ok(None);
         };
         let kind = frame.kind();
-        let n = encode(&frame, buf)?;
+        let n = frame.encode(buf)?;
         if let Some(e) = self.streams.at_mut(slot) {
             let d = &mut e.value;
             match kind {
@@ -293,8 +291,7 @@ impl<M: PayloadBuf, const STREAMS: usize, const RING: usize> Relay<M, STREAMS, R
             let payload = message.payload;
             return Ok(Some(Transmit::Data { header, payload }));
         }
-        let n = native::encode_data_header(buf, d.wire, message.kind.into(), len)
-            .map_err(|e| TransmitError::BufferTooSmall { needed: e.needed })?;
+        let n = native::encode_data_header(buf, d.wire, message.kind.into(), len)?;
         buf[native::HEADER_LEN..n].copy_from_slice(payload);
         d.credit.on_sent(len);
         let _ = self.sent_front(slot);
@@ -312,17 +309,4 @@ impl<M: PayloadBuf, const STREAMS: usize, const RING: usize> Relay<M, STREAMS, R
                 && (!d.is_native() || d.credit.can_send())
         })
     }
-}
-
-fn encode(frame: &NativeFrame<'_>, buf: &mut [u8]) -> Result<usize, TransmitError> {
-    frame
-        .encode(buf)
-        .map_err(|e| TransmitError::BufferTooSmall { needed: e.needed })
-}
-
-/// How a native stream number is named in logs and `proxy_error` replies.
-fn wire_name(wire: u32) -> heapless::String<{ super::MAX_REPLY_ID }> {
-    let mut name = heapless::String::new();
-    let _ = core::fmt::write(&mut name, format_args!("#{wire}"));
-    name
 }

@@ -594,6 +594,13 @@ pub fn decode_start_body(body: &[u8]) -> Result<WebSocketStart<'_>, DecodeError>
     websocket_start(obj)
 }
 
+/// How stream number `stream` is named in logs and error replies: `#17`.
+pub(crate) fn stream_name<const N: usize>(stream: u32) -> heapless::String<N> {
+    let mut name = heapless::String::new();
+    let _ = core::fmt::write(&mut name, format_args!("#{stream}"));
+    name
+}
+
 fn header(kind: FrameKind, flags: u8, stream: u32) -> [u8; HEADER_LEN] {
     let s = stream.to_be_bytes();
     [kind as u8, flags, s[0], s[1], s[2], s[3]]
