@@ -334,10 +334,12 @@ impl Tunnel {
                     }
                     Ok(Some(Transmit::Encoded(n))) => {
                         let bytes = &self.buf[..n];
-                        let native = tether_core::wire::native::is_native(bytes);
-                        self.pending_out = Some(match std::str::from_utf8(bytes) {
-                            Ok(text) if !native => WsMessage::text(text),
-                            _ => WsMessage::binary(bytes.to_vec()),
+                        let text = (!tether_core::wire::native::is_native(bytes))
+                            .then(|| std::str::from_utf8(bytes).ok())
+                            .flatten();
+                        self.pending_out = Some(match text {
+                            Some(text) => WsMessage::text(text),
+                            None => WsMessage::binary(bytes.to_vec()),
                         });
                         progressed = true;
                     }
