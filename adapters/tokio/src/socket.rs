@@ -9,14 +9,6 @@ use tokio::net::TcpStream;
 /// is well under a millisecond of queue, and still enough to keep the link busy.
 pub const TUNNEL_NOTSENT_LOWAT: u32 = 64 * 1024;
 
-/// Receive buffer of a tunnel socket (`SO_RCVBUF`; Linux doubles it). Credit bounds what a
-/// peer may send per stream, but data already sent waits in the receiver's socket buffer, first
-/// come first served, until the receiver reads it; autotuning lets that buffer grow to megabytes
-/// while the receiver is busy, and an interactive frame then waits behind all of it. Bounding
-/// the buffer pushes the backlog back into the sender's rings, where it is scheduled. Loopback
-/// and LAN bandwidth-delay products are far below this.
-pub const TUNNEL_RCVBUF: usize = 64 * 1024;
-
 /// tungstenite's read buffer on a per-stream WebSocket (kubectl's, or the agent's to the
 /// Kubernetes API). tungstenite zero-fills its whole read buffer before every read, so its
 /// 128 KiB default would make every idle stream cost 128 KiB of resident memory on each side.
@@ -28,19 +20,21 @@ pub const STREAM_READ_BUFFER: usize = 4 * 1024;
 /// written to the socket once this much is pending, or at each flush.
 pub const TUNNEL_WRITE_BUFFER: usize = 32 * 1024;
 
-/// Sets `TCP_NODELAY`, [`TUNNEL_RCVBUF`] and, on Linux, [`TUNNEL_NOTSENT_LOWAT`] on a tunnel
-/// connection. Failures
+/// Sets `TCP_NODELAY` and, on Linux, [`TUNNEL_NOTSENT_LOWAT`] on a tunnel connection. Failures
 /// only cost latency, so they are logged and ignored.
+///
+/// The receive buffer is left to the kernel's autotuning on purpose. A fixed `SO_RCVBUF` also
+/// locks it: once a busy reader lets the locked buffer fill, the kernel drops segments inside the
+/// window it advertised, the sender's retransmission timer backs off exponentially, and the
+/// tunnel went silent past its 60-second read deadline (seen with a 64 KiB buffer, kept in
+/// `tests/e2e/tests/flow_control.rs` as the frozen-ends test). It also capped the tunnel at one
+/// buffer per round trip on long paths.
 pub fn tune_tunnel(tcp: &TcpStream) {
     if let Err(e) = tcp.set_nodelay(true) {
         tracing::debug!(error = %e, "cannot set TCP_NODELAY");
     }
-    let socket = socket2::SockRef::from(tcp);
-    if let Err(e) = socket.set_recv_buffer_size(TUNNEL_RCVBUF) {
-        tracing::debug!(error = %e, "cannot set SO_RCVBUF");
-    }
     #[cfg(any(target_os = "linux", target_os = "android"))]
-    if let Err(e) = socket.set_tcp_notsent_lowat(TUNNEL_NOTSENT_LOWAT) {
+    if let Err(e) = socket2::SockRef::from(tcp).set_tcp_notsent_lowat(TUNNEL_NOTSENT_LOWAT) {
         tracing::debug!(error = %e, "cannot set TCP_NOTSENT_LOWAT");
     }
 }

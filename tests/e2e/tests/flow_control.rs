@@ -9,7 +9,9 @@
 //!   tunnel (head-of-line blocking: the reason the native mode exists), and everything still
 //!   arrives once it is read again;
 //! * native, six streams whose readers pause at random while random-sized messages are written:
-//!   nothing lost, every exec ends with status Success;
+//!   nothing lost, every exec ends with status Success; the same again while the agent or the
+//!   control plane is stopped (SIGSTOP) for up to 1.5 s at a time: each resume lets the tunnel go
+//!   on, it never falls silent past its read deadline;
 //! * `--wire-mode compat` on either end makes both ends speak compat (logged by both), and an
 //!   exec still round-trips byte for byte. (A PipeOps-shaped compat-only control plane is covered
 //!   by `tunnel_input.rs`; a compat-only agent against the control plane by the tokio adapter's
@@ -24,6 +26,7 @@ use std::time::{Duration, Instant};
 
 use futures_util::stream::{SplitSink, SplitStream};
 use futures_util::{SinkExt as _, StreamExt as _};
+use rustix::process::{Pid, Signal};
 use tether_e2e::Cluster;
 use tether_e2e::data::{Prng, PrngCheck, Sha256Stream, mib_per_s};
 use tokio::net::{TcpSocket, TcpStream};
@@ -728,18 +731,16 @@ async fn random_stalls(
     ))
 }
 
-#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn no_loss_under_random_consumer_stalls() {
-    let _heavy = heavy().await;
-    let mut c = Cluster::start();
-    assert_wire(&mut c, "native");
-    let t = Target::new(&c);
+/// Runs [`STREAMS`] execs through `c` at once, each writing [`STREAM_BYTES`] while its reader
+/// pauses at random (seeds from `seed`), and checks every one echoed exactly what it wrote.
+async fn all_echo_under_random_stalls(c: &Cluster, label: &str, seed: u64) {
+    let t = Target::new(c);
     let start = Instant::now();
     let mut tasks = Vec::new();
     for i in 0..STREAMS {
         let ex = t.open_cat(&format!("S{i}")).await;
         tasks.push(tokio::spawn(async move {
-            tokio::time::timeout(T, random_stalls(ex, 300 + i as u64)).await
+            tokio::time::timeout(T, random_stalls(ex, seed + i as u64)).await
         }));
     }
     for (i, task) in tasks.into_iter().enumerate() {
@@ -750,7 +751,7 @@ async fn no_loss_under_random_consumer_stalls() {
             .unwrap_or_else(|_| panic!("{name}: not done within {T:?}"))
             .unwrap_or_else(|e| panic!("{e}"));
         eprintln!(
-            "FIGURE {name}: {:.1} MiB echoed, {pauses} reader pauses ({paused:.1} s), status {status}",
+            "FIGURE {label} {name}: {:.1} MiB echoed, {pauses} reader pauses ({paused:.1} s), status {status}",
             mib(got)
         );
         assert_eq!(sent, STREAM_BYTES, "{name}: bytes written");
@@ -762,10 +763,69 @@ async fn no_loss_under_random_consumer_stalls() {
         assert_success(&name, &status);
     }
     eprintln!(
-        "FIGURE native: {STREAMS} streams x {} MiB with random reader pauses in {:.1} s",
+        "FIGURE {label}: {STREAMS} streams x {} MiB with random reader pauses in {:.1} s",
         STREAM_BYTES / MIB as u64,
         start.elapsed().as_secs_f64()
     );
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn no_loss_under_random_consumer_stalls() {
+    let _heavy = heavy().await;
+    let mut c = Cluster::start();
+    assert_wire(&mut c, "native");
+    all_echo_under_random_stalls(&c, "native", 300).await;
+}
+
+/// Resumes (SIGCONT) every process in it when dropped, so a failing test leaves none stopped.
+struct Thaw(Vec<Pid>);
+
+impl Drop for Thaw {
+    fn drop(&mut self) {
+        for pid in &self.0 {
+            let _ = rustix::process::kill_process(*pid, Signal::CONT);
+        }
+    }
+}
+
+/// Stops the agent or the control plane (SIGSTOP) for up to 1.5 s at a time, then resumes it,
+/// until `done`; returns how often. A stopped tunnel end is what a starved or swapped process
+/// looks like to its peer: its socket buffers fill and the peer's writes stall. After each resume
+/// the tunnel must go on at once. With locked 64 KiB receive buffers it did not: the kernel
+/// dropped in-window segments while the reader was stopped, the sender's retransmission timer
+/// backed off, and the tunnel went silent past the 60-second read deadline.
+async fn freeze_at_random(pids: [Pid; 2], done: Arc<AtomicBool>) -> u32 {
+    let mut p = Prng::new(77);
+    let mut freezes = 0;
+    while !done.load(Ordering::Relaxed) {
+        let pid = pids[(next_u64(&mut p) % 2) as usize];
+        let _thaw = Thaw(vec![pid]);
+        let _ = rustix::process::kill_process(pid, Signal::STOP);
+        tokio::time::sleep(Duration::from_millis(next_u64(&mut p) % 1500)).await;
+        drop(_thaw);
+        freezes += 1;
+        tokio::time::sleep(Duration::from_millis(next_u64(&mut p) % 300)).await;
+    }
+    freezes
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn no_loss_while_the_tunnel_ends_are_frozen_at_random() {
+    let _heavy = heavy().await;
+    let mut c = Cluster::start();
+    assert_wire(&mut c, "native");
+    let pid = |p: Option<&mut tether_e2e::proc::Proc>| {
+        Pid::from_raw(p.expect("process").pid() as i32).expect("pid")
+    };
+    let pids = [pid(c.agent()), pid(c.control_plane())];
+    let _thaw = Thaw(pids.to_vec());
+    let done = Arc::new(AtomicBool::new(false));
+    let freezer = tokio::spawn(freeze_at_random(pids, done.clone()));
+    all_echo_under_random_stalls(&c, "frozen ends", 600).await;
+    done.store(true, Ordering::Relaxed);
+    let freezes = freezer.await.expect("freezer");
+    eprintln!("FIGURE frozen ends: agent or control plane stopped {freezes} times");
+    assert!(freezes > 0, "the freezer never ran");
 }
 
 // ---- 4. --wire-mode compat on either end ----------------------------------------------------
