@@ -799,10 +799,10 @@ async fn freeze_at_random(pids: [Pid; 2], done: Arc<AtomicBool>) -> u32 {
     let mut freezes = 0;
     while !done.load(Ordering::Relaxed) {
         let pid = pids[(next_u64(&mut p) % 2) as usize];
-        let _thaw = Thaw(vec![pid]);
+        let thaw = Thaw(vec![pid]);
         let _ = rustix::process::kill_process(pid, Signal::STOP);
         tokio::time::sleep(Duration::from_millis(next_u64(&mut p) % 1500)).await;
-        drop(_thaw);
+        drop(thaw);
         freezes += 1;
         tokio::time::sleep(Duration::from_millis(next_u64(&mut p) % 300)).await;
     }
