@@ -8,16 +8,14 @@
 //!    wire mode (`--wire-mode compat`, `--wire-mode auto` = native), each figure beside the
 //!    direct path (client straight to kubesim) in the same run: 1 bulk, 2 latency, 3 many
 //!    streams, 4 idle cost, 5 interactive under load. It prints the table and writes
-//!    `target/bench/results.md`, `results.json` and `results.png`.
+//!    `<target dir>/bench/results.md`, `results.json` and `results.png`.
 //! 4. With `--publish`, copies those three files into `docs/benchmarks/`.
 //!
 //! Passed to the client: `--mib N` (bench 1), `--round-trips N` (2), `--streams N` (3),
 //! `--idle N` (4), `--interactive N` (5), `--only LIST` (e.g. `bulk,latency`; names: bulk,
 //! latency, many, idle, interactive, core).
 
-use std::path::PathBuf;
-
-use crate::step::{Step, run_status, workspace_root};
+use crate::step::{Step, run_status, target_dir, workspace_root};
 
 pub(crate) fn steps(args: &[String]) -> Vec<Step> {
     let mut skip_core = args.iter().any(|a| a == "--skip-core");
@@ -112,17 +110,4 @@ pub(crate) fn steps(args: &[String]) -> Vec<Step> {
         }));
     }
     steps
-}
-
-fn target_dir() -> PathBuf {
-    std::env::var_os("CARGO_TARGET_DIR")
-        .map(PathBuf::from)
-        .map(|p| {
-            if p.is_absolute() {
-                p
-            } else {
-                workspace_root().join(p)
-            }
-        })
-        .unwrap_or_else(|| workspace_root().join("target"))
 }

@@ -2,10 +2,14 @@
 //!
 //! rustup here has the host target only and no `rust-src`, so `-Zbuild-std` has no library source.
 //! Debian bookworm-security ships a matching pair, `rustc-web` and `rust-web-src` (same version),
-//! with their `libstd-rust-web-*` and `libllvm*`: they are fetched **by name** (`apt-get download`,
-//! never a pinned version: the security archive replaces versions over time; the exact
-//! `libstd-rust-web-<ver>` and `libllvm<N>` names come from `apt-cache depends`) and unpacked with
-//! `dpkg -x` into `target/cross/debian` (kept and reused; nothing is installed on the system).
+//! with their `libstd-rust-web-*` and `libllvm*`. The package lists are refreshed first
+//! (`apt-get update`: a machine's lists may know only the main suite, whose compiler is too old),
+//! then the newest version offered for both packages is chosen and checked against the
+//! workspace's `rust-version` ([`crate::debian`]); it is never pinned in the repo, since the
+//! security archive replaces versions over time. The exact `libstd-rust-web-<ver>` and
+//! `libllvm<N>` names come from `apt-cache depends`. The packages are fetched with `apt-get
+//! download` and unpacked with `dpkg -x` into `<target dir>/cross/debian` (kept and reused while
+//! new enough; nothing is installed on the system).
 //! rustup's cargo then builds with that compiler (`RUSTC`, `RUSTC_BOOTSTRAP=1` for `-Z` flags,
 //! `-Zbuild-std=core`) and links with rustup's `rust-lld`.
 //!
@@ -21,6 +25,7 @@ use std::path::{Path, PathBuf};
 use std::process::Command;
 use std::time::Instant;
 
+use crate::debian;
 use crate::step::{self, Step};
 
 const TARGET: &str = "thumbv7em-none-eabihf";
@@ -36,14 +41,17 @@ pub(crate) fn step() -> Step {
 
 /// `cargo xtask cross`.
 pub(crate) fn run() -> Result<(), String> {
-    let root = step::workspace_root();
+    let cross = step::target_dir().join("cross");
     let started = Instant::now();
-    let toolchain = debian_toolchain(&root.join("target/cross"))?;
+    let needed = step::workspace_rust_version()?;
+    let toolchain = debian_toolchain(&cross, &needed)?;
     println!(
-        "cross: Debian rustc at {} (ready in {:.1} s)",
-        toolchain.display(),
+        "cross: Debian {} at {} (workspace rust-version {needed}; ready in {:.1} s)",
+        toolchain.version,
+        toolchain.dir.display(),
         started.elapsed().as_secs_f64()
     );
+    let toolchain = toolchain.dir;
     let lld = rust_lld()?;
     let builds: [(&str, &[&str]); 3] = [
         ("tether-core", &["-p", "tether-core"]),
@@ -67,7 +75,7 @@ pub(crate) fn run() -> Result<(), String> {
         let mut cmd = step::cargo();
         cmd.args(["build", "--release", "-Zbuild-std=core", "--target", TARGET])
             .arg("--target-dir")
-            .arg(root.join("target/cross/build"))
+            .arg(cross.join("build"))
             .args(args)
             .env("RUSTC", toolchain.join("usr/bin/rustc"))
             .env(
@@ -86,29 +94,51 @@ pub(crate) fn run() -> Result<(), String> {
             t.elapsed().as_secs_f64()
         );
     }
-    let elf = root
-        .join("target/cross/build")
+    let elf = cross
+        .join("build")
         .join(TARGET)
         .join("release/tether-gateway");
     report_sizes(&elf)?;
-    if let Some(budget) = budget_line(&root.join("target/cross/build").join(TARGET)) {
+    if let Some(budget) = budget_line(&cross.join("build").join(TARGET)) {
         println!("cross: {budget}");
     }
     println!("cross: total {:.1} s", started.elapsed().as_secs_f64());
     Ok(())
 }
 
-/// The unpacked Debian toolchain, fetched first when the cache is missing.
-fn debian_toolchain(cache: &Path) -> Result<PathBuf, String> {
+/// An unpacked Debian toolchain.
+struct Toolchain {
+    /// The root the packages were unpacked into (`usr/bin/rustc` below it).
+    dir: PathBuf,
+    /// What its rustc says of itself (`rustc 1.96.0 (…)`), with the Debian version fetched.
+    version: String,
+}
+
+/// The unpacked Debian toolchain: the cached one while it is at least `needed`, otherwise the
+/// newest the archive offers, fetched and unpacked.
+fn debian_toolchain(cache: &Path, needed: &str) -> Result<Toolchain, String> {
     let dir = cache.join("debian");
     let marker = dir.join(".complete");
     if marker.is_file() && dir.join("usr/bin/rustc").is_file() {
-        let version = fs::read_to_string(&marker).unwrap_or_default();
-        println!("cross: reusing {} ({})", dir.display(), version.trim());
-        return Ok(dir);
+        let rustc = rustc_version(&dir)?;
+        if debian::upstream_version(rustc.trim_start_matches("rustc "))
+            >= debian::upstream_version(needed)
+        {
+            println!("cross: reusing {}", dir.display());
+            let fetched = fs::read_to_string(&marker).unwrap_or_default();
+            let version = match fetched.lines().next().filter(|l| !l.contains(' ')) {
+                Some(debian_version) => format!("{rustc} (Debian {debian_version})"),
+                None => rustc,
+            };
+            return Ok(Toolchain { dir, version });
+        }
+        println!("cross: the cached {rustc} is older than rust-version {needed}; fetching anew");
     }
-    let packages = resolve_packages()?;
-    println!("cross: fetching {}", packages.join(" "));
+    let (debian_version, packages) = resolve_packages(needed)?;
+    println!(
+        "cross: chose rustc-web {debian_version}; fetching {}",
+        packages.join(" ")
+    );
     let debs = cache.join("debs");
     if debs.exists() {
         fs::remove_dir_all(&debs).map_err(|e| format!("cannot clear {}: {e}", debs.display()))?;
@@ -144,52 +174,74 @@ fn debian_toolchain(cache: &Path) -> Result<PathBuf, String> {
             partial.display()
         ));
     }
+    let version = format!("{} (Debian {debian_version})", rustc_version(&partial)?);
     if dir.exists() {
         fs::remove_dir_all(&dir).map_err(|e| format!("cannot clear {}: {e}", dir.display()))?;
     }
     fs::rename(&partial, &dir).map_err(|e| e.to_string())?;
-    fs::write(&marker, packages.join(" ")).map_err(|e| e.to_string())?;
+    // The Debian version, then what was fetched.
+    fs::write(
+        &marker,
+        format!("{debian_version}\n{}\n", packages.join(" ")),
+    )
+    .map_err(|e| e.to_string())?;
     let _ = fs::remove_dir_all(&debs);
-    Ok(dir)
+    Ok(Toolchain { dir, version })
 }
 
-/// `rustc-web`, `rust-web-src`, `libstd-rust-web-dev`, `libstd-rust-web-<ver>`, `libllvm<N>`:
-/// names from `apt-cache depends`, after one `apt-get update` if the lists know none.
-fn resolve_packages() -> Result<Vec<String>, String> {
-    let resolve = || -> Option<Vec<String>> {
-        let dev = depends("rustc-web")
-            .into_iter()
-            .find(|d| d == "libstd-rust-web-dev")?;
-        let std = depends(&dev)
-            .into_iter()
-            .find(|d| d.starts_with("libstd-rust-web-") && d != "libstd-rust-web-dev")?;
-        let llvm = depends(&std)
-            .into_iter()
-            .find(|d| d.starts_with("libllvm"))?;
-        Some(vec![
-            "rustc-web".to_owned(),
-            "rust-web-src".to_owned(),
-            dev,
-            std,
-            llvm,
-        ])
-    };
-    if let Some(p) = resolve() {
-        return Ok(p);
+/// `rustc --version` of the toolchain unpacked at `dir`.
+fn rustc_version(dir: &Path) -> Result<String, String> {
+    let out = step::output(
+        Command::new(dir.join("usr/bin/rustc"))
+            .arg("--version")
+            .env("LD_LIBRARY_PATH", dir.join("usr/lib/x86_64-linux-gnu")),
+    )?;
+    Ok(out.trim().to_owned())
+}
+
+/// The Debian version chosen, and the packages to download: `rustc-web`, `rust-web-src`,
+/// `libstd-rust-web-dev` and `libstd-rust-web-<ver>` pinned to it (one source package), and the
+/// `libllvm<N>` it depends on. The package lists are refreshed first.
+fn resolve_packages(needed: &str) -> Result<(String, Vec<String>), String> {
+    println!("cross: refreshing the package lists (apt-get update)");
+    if let Err(e) = step::run_status(Command::new("apt-get").args(["update", "-qq"])) {
+        // Choose from the lists as they are; a too-old choice then fails with its own line.
+        println!("cross: apt-get update failed ({e}); choosing from the lists as they are");
     }
-    println!("cross: package lists lack rustc-web; running apt-get update");
-    step::run_status(Command::new("apt-get").args(["update", "-qq"])).map_err(|e| {
+    let madison = |package: &str| {
+        step::output(Command::new("apt-cache").args(["madison", package]))
+            .map_err(|e| format!("cannot ask apt-cache for {package}: {e}"))
+    };
+    let version = debian::choose(&madison("rustc-web")?, &madison("rust-web-src")?, needed)
+        .map_err(|e| {
+            format!("{e} (skip the cross build only with `cargo xtask ci --skip-cross`)")
+        })?;
+    let pinned = |package: &str| format!("{package}={version}");
+    let missing = |what: &str| {
         format!(
-            "apt-get update failed ({e}); the cross build needs Debian's package archive \
-                 (skip it only with `cargo xtask ci --skip-cross`)"
+            "apt-cache depends names no {what} for rustc-web {version}; cannot fetch its library"
         )
-    })?;
-    resolve().ok_or_else(|| {
-        "Debian's rustc-web / libstd-rust-web-* / libllvm* cannot be resolved with apt-cache \
-         (bookworm-security must be in the apt sources); the cross build cannot run \
-         (skip it only with `cargo xtask ci --skip-cross`)"
-            .to_owned()
-    })
+    };
+    let dev = depends(&pinned("rustc-web"))
+        .into_iter()
+        .find(|d| d == "libstd-rust-web-dev")
+        .ok_or_else(|| missing("libstd-rust-web-dev"))?;
+    let std = depends(&pinned(&dev))
+        .into_iter()
+        .find(|d| d.starts_with("libstd-rust-web-") && *d != dev)
+        .ok_or_else(|| missing("libstd-rust-web-<version>"))?;
+    let llvm = depends(&pinned(&std))
+        .into_iter()
+        .find(|d| d.starts_with("libllvm"))
+        .ok_or_else(|| missing("libllvm"))?;
+    let packages = vec![
+        pinned("rustc-web"),
+        pinned("rust-web-src"),
+        pinned(&dev),
+        pinned(&std),
+        llvm,
+    ];
+    Ok((version, packages))
 }
 
 /// Direct `Depends:` of `package` per `apt-cache depends` (empty when unknown).

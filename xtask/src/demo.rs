@@ -23,7 +23,7 @@ use std::sync::Arc;
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::time::{Duration, Instant};
 
-use crate::step::{cargo, output, run_status, workspace_root};
+use crate::step::{cargo, output, run_status};
 
 const CLUSTER: &str = "demo";
 const USER: &str = "demo-user";
@@ -56,9 +56,7 @@ pub(crate) fn run() -> Result<(), String> {
         "--bins",
     ]);
     run_status(&mut build)?;
-    let target = std::env::var_os("CARGO_TARGET_DIR")
-        .map(PathBuf::from)
-        .unwrap_or_else(|| workspace_root().join("target"));
+    let target = crate::step::target_dir();
     let bin = |name: &str| target.join("debug").join(name);
 
     let dir = target.join("demo");

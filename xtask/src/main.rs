@@ -16,6 +16,7 @@
 
 mod bench;
 mod cross;
+mod debian;
 mod demo;
 mod nostd;
 mod smoke;
@@ -23,7 +24,11 @@ mod step;
 
 use std::process::ExitCode;
 
-const USAGE: &str = "usage: cargo xtask <ci | nostd | smoke | cross | demo | bench>
+const USAGE: &str =
+    "usage: cargo xtask [--target-dir DIR] <ci | nostd | smoke | cross | demo | bench>
+
+  Every step finds its outputs in cargo's target dir (`cargo metadata`): CARGO_TARGET_DIR,
+  build.target-dir and --target-dir are honoured.
 
   ci     fmt, clippy, tests, nostd, smoke, cross (stops at the first failure;
          --skip-cross skips the thumbv7em build, loudly)
@@ -37,9 +42,13 @@ const USAGE: &str = "usage: cargo xtask <ci | nostd | smoke | cross | demo | ben
          results in target/bench/results.{md,json,png}; --publish copies them to docs/benchmarks/";
 
 fn main() -> ExitCode {
-    let args: Vec<String> = std::env::args().skip(1).collect();
+    let mut args: Vec<String> = std::env::args().skip(1).collect();
+    if let Err(e) = step::init_target_dir(&mut args) {
+        eprintln!("xtask: {e}\n{USAGE}");
+        return ExitCode::from(2);
+    }
     let result = match args.first().map(String::as_str) {
-        Some("ci") => ci(),
+        Some("ci") => ci(&args[1..]),
         Some("nostd") => step::run_all(&nostd::steps()),
         Some("smoke") => step::run_all(&[smoke::step()]),
         Some("cross") => step::run_all(&[cross::step()]),
@@ -64,7 +73,7 @@ fn main() -> ExitCode {
 }
 
 /// Every gate, in the order the README promises.
-fn ci() -> Result<(), step::Failure> {
+fn ci(options: &[String]) -> Result<(), step::Failure> {
     let mut steps = vec![
         step::Step::cargo("fmt", &["fmt", "--all", "--check"]),
         step::Step::cargo(
@@ -121,7 +130,7 @@ fn ci() -> Result<(), step::Failure> {
     steps.extend(nostd::steps());
     steps.push(smoke::step());
     // The real thumbv7em build; fails loudly when Debian's toolchain cannot be fetched.
-    if std::env::args().any(|a| a == "--skip-cross") {
+    if options.iter().any(|a| a == "--skip-cross") {
         println!("==> cross SKIPPED (--skip-cross)");
     } else {
         steps.push(cross::step());

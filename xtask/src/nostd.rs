@@ -39,7 +39,6 @@ pub(crate) fn steps() -> Vec<Step> {
 fn build(krate: &str, features: &[&str]) -> Result<(), String> {
     let host = host_triple()?;
     let sysroot = fake_sysroot(&host)?;
-    let root = step::workspace_root();
     let mut flags = std::env::var("RUSTFLAGS").unwrap_or_default();
     if !flags.is_empty() {
         flags.push(' ');
@@ -47,7 +46,7 @@ fn build(krate: &str, features: &[&str]) -> Result<(), String> {
     flags.push_str(&format!("--sysroot={}", sysroot.display()));
     let mut cmd = step::cargo();
     cmd.args(["build", "-p", krate, "--target", &host, "--target-dir"])
-        .arg(root.join("target/nostd-check"))
+        .arg(step::target_dir().join("nostd-check"))
         .env("RUSTFLAGS", flags)
         .env_remove("CARGO_ENCODED_RUSTFLAGS");
     if !features.is_empty() {
@@ -64,11 +63,11 @@ fn host_triple() -> Result<String, String> {
         .ok_or_else(|| "`rustc -vV` printed no host line".to_owned())
 }
 
-/// Builds `target/fake-sysroot`: the real sysroot's `bin/` plus only the core-level rlibs.
+/// Builds `<target dir>/fake-sysroot`: the real sysroot's `bin/` plus only the core-level rlibs.
 fn fake_sysroot(host: &str) -> Result<PathBuf, String> {
     let real =
         PathBuf::from(step::output(Command::new("rustc").args(["--print", "sysroot"]))?.trim());
-    let fake = step::workspace_root().join("target/fake-sysroot");
+    let fake = step::target_dir().join("fake-sysroot");
     if fake.exists() {
         fs::remove_dir_all(&fake).map_err(|e| format!("cannot clear {}: {e}", fake.display()))?;
     }

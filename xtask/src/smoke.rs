@@ -15,10 +15,7 @@ pub(crate) fn step() -> Step {
 fn run() -> Result<(), String> {
     // Alone: building it with std crates would unify their features into its graph.
     step::run_status(step::cargo().args(["build", "-p", PACKAGE, "--profile", PROFILE]))?;
-    let bin = step::workspace_root()
-        .join("target")
-        .join(PROFILE)
-        .join(PACKAGE);
+    let bin = step::target_dir().join(PROFILE).join(PACKAGE);
 
     let symbols = step::output(Command::new("nm").arg("--demangle").arg(&bin))?;
     let leaked: Vec<&str> = symbols
