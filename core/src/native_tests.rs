@@ -1359,3 +1359,57 @@ fn shared_budget_caps_what_all_streams_queue_toward_the_tunnel() {
         assert_eq!(stops, resumes, "{id}: every stop is followed by a resume");
     }
 }
+
+#[test]
+fn a_draining_agent_tells_a_tether_control_plane_once_and_keeps_its_streams() {
+    let mut p = Pair::<8>::native();
+    p.open("s1");
+    assert!(!p.relay.is_draining());
+    p.relay.start_draining();
+    assert!(p.relay.is_draining());
+    p.run();
+    let draining = |p: &Pair<8>| {
+        p.gw_events
+            .iter()
+            .filter(|e| matches!(e, gateway::Event::AgentDraining))
+            .count()
+    };
+    assert_eq!(draining(&p), 1, "{:?}", p.gw_events);
+    // The live stream still carries data both ways.
+    round_trip(&mut p, "s1");
+    // Later heartbeats say draining again; the control plane hears of it only once.
+    p.now += relay::Config::default().heartbeat_interval;
+    p.relay.handle_timeout(p.now);
+    p.run();
+    assert_eq!(draining(&p), 1, "{:?}", p.gw_events);
+}
+
+#[test]
+fn a_pipeops_control_plane_never_sees_the_draining_status() {
+    // A control plane that advertises no extension (as PipeOps) gets `healthy`.
+    let gw = gateway::Config {
+        extensions: Extensions::NONE,
+        ..gateway::Config::default()
+    };
+    let mut p = Pair::<8>::new(relay::Config::default(), gw);
+    p.relay.start_draining();
+    p.now += relay::Config::default().heartbeat_interval;
+    p.relay.handle_timeout(p.now);
+    p.run();
+    let heartbeats: Vec<String> = p
+        .log
+        .iter()
+        .filter(|(dir, f)| matches!(dir, Dir::ToGateway) && describe(f).contains("heartbeat"))
+        .map(|(_, f)| describe(f))
+        .collect();
+    assert!(!heartbeats.is_empty(), "no heartbeat sent");
+    assert!(
+        heartbeats.iter().all(|h| !h.contains("draining")),
+        "{heartbeats:?}"
+    );
+    assert!(
+        !p.gw_events
+            .iter()
+            .any(|e| matches!(e, gateway::Event::AgentDraining))
+    );
+}

@@ -7,6 +7,7 @@ pub mod backoff;
 pub mod buf;
 pub mod socket;
 pub mod token;
+pub mod watched;
 pub mod wire_mode;
 
 // The agent runtime and its Kubernetes access.

@@ -23,6 +23,9 @@ pub enum Event {
         /// Tether extensions in use on this tunnel (offered by both sides).
         extensions: Extensions,
     },
+    /// The agent is shutting down (its heartbeat said `draining`): open no new stream on this
+    /// tunnel while the cluster has another; the live ones carry on. Comes once per tunnel.
+    AgentDraining,
     /// Send a WebSocket ping on the tunnel now.
     SendPing,
     /// The tunnel was silent past the read deadline: drop the connection and call

@@ -113,7 +113,8 @@ use crate::text::truncated;
 use crate::time::Instant;
 use crate::wire::{
     AgentMessage, CloseFrame, ControlMessage, DataFrame, Envelope, Extensions, FrameError,
-    HeaderList, JsonStr, Limits, UnixTime, WebSocketClose, WebSocketData, WireStr,
+    HEARTBEAT_DRAINING, HeaderList, JsonStr, Limits, UnixTime, WebSocketClose, WebSocketData,
+    WireStr,
 };
 
 pub use config::Config;
@@ -199,6 +200,9 @@ struct Session {
     registered: bool,
     extensions: Extensions,
     owe_registered: bool,
+    /// The agent said it is shutting down (heartbeat `status: "draining"`).
+    draining: bool,
+    owe_draining: bool,
     /// Native stream numbers handed out on this tunnel (never reused).
     last_wire: u32,
     /// Ping and read-deadline timers.
@@ -687,7 +691,14 @@ impl<M: PayloadBuf, const STREAMS: usize, const RING: usize> Gateway<M, STREAMS,
                 self.push_reply(Reply::RegisterSuccess { request_id });
                 Ok(Handled::Consumed)
             }
-            AgentMessage::Heartbeat { .. } => {
+            AgentMessage::Heartbeat { status, .. } => {
+                let draining = status.is_some_and(|st| st == HEARTBEAT_DRAINING);
+                let s = &mut self.session;
+                if draining && !s.draining {
+                    info!("agent {} is draining", s.agent_id.as_str());
+                    s.draining = true;
+                    s.owe_draining = true;
+                }
                 self.push_reply(Reply::HeartbeatAck);
                 Ok(Handled::Consumed)
             }
@@ -1475,6 +1486,9 @@ impl<M: PayloadBuf, const STREAMS: usize, const RING: usize> Gateway<M, STREAMS,
                 agent_id: s.agent_id.clone(),
                 extensions: s.extensions,
             });
+        }
+        if core::mem::take(&mut s.owe_draining) {
+            return Some(Event::AgentDraining);
         }
         if s.keepalive.take_ping() {
             return Some(Event::SendPing);

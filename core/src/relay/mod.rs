@@ -98,9 +98,9 @@ use crate::table::{InsertError, Slot, StreamState, StreamTable};
 use crate::time::Instant;
 use crate::wire::json::Value;
 use crate::wire::{
-    CloseFrame, DataFrame, Envelope, Extensions, FrameError, Headers, Heartbeat, Inbound, JsonStr,
-    Limits, Outbound, ProtocolFallback, Register, UnixTime, WebSocketClose, WebSocketData,
-    WebSocketStart, WireStr,
+    CloseFrame, DataFrame, Envelope, Extensions, FrameError, HEARTBEAT_DRAINING, Headers,
+    Heartbeat, Inbound, JsonStr, Limits, Outbound, ProtocolFallback, Register, UnixTime,
+    WebSocketClose, WebSocketData, WebSocketStart, WireStr,
 };
 
 pub use config::{Config, DEFAULT_MAX_MESSAGE};
@@ -255,6 +255,8 @@ pub struct Relay<M, const STREAMS: usize, const RING: usize = DEFAULT_RING_MESSA
     control_cursor: Option<Slot>,
     data_cursor: Option<Slot>,
     event_cursor: Option<Slot>,
+    /// The agent is shutting down: said in every heartbeat to a Tether control plane.
+    draining: bool,
     stats: Stats,
 }
 
@@ -290,6 +292,7 @@ impl<M: PayloadBuf, const STREAMS: usize, const RING: usize> Relay<M, STREAMS, R
             control_cursor: None,
             data_cursor: None,
             event_cursor: None,
+            draining: false,
             stats: Stats::ZERO,
         }
     }
@@ -358,6 +361,27 @@ impl<M: PayloadBuf, const STREAMS: usize, const RING: usize> Relay<M, STREAMS, R
             ..Session::default()
         };
         self.fallbacks.clear();
+    }
+
+    /// The agent is shutting down: from now on every `heartbeat` says `status: "draining"` to a
+    /// control plane that advertised Tether extensions, starting with one sent at once, so it
+    /// routes new streams to another agent of the cluster. A PipeOps control plane keeps seeing
+    /// `healthy`. Live streams are untouched; refusing new ones is the adapter's choice (see
+    /// [`is_draining`](Self::is_draining)). Lasts for the relay's life, across sessions.
+    pub fn start_draining(&mut self) {
+        if !self.draining {
+            info!("draining: telling the control plane to send new streams elsewhere");
+        }
+        self.draining = true;
+        if self.session.registered {
+            self.session.heartbeat_pending = true;
+        }
+    }
+
+    /// Whether [`start_draining`](Self::start_draining) was called.
+    #[must_use]
+    pub fn is_draining(&self) -> bool {
+        self.draining
     }
 
     /// Records that the tunnel showed signs of life (a WebSocket pong, or any frame the adapter
@@ -1534,10 +1558,15 @@ impl<M: PayloadBuf, const STREAMS: usize, const RING: usize> Relay<M, STREAMS, R
             ("agent_version", Value::Str(info.agent_version.as_str())),
             ("k8s_version", Value::Str(info.k8s_version.as_str())),
         ];
+        let tether_peer = self.session.extensions != Extensions::NONE;
         let heartbeat = Heartbeat {
             cluster_id: self.session.cluster_id.as_str(),
             agent_id: info.agent_id.as_str(),
-            status: "healthy",
+            status: if self.draining && tether_peer {
+                HEARTBEAT_DRAINING
+            } else {
+                "healthy"
+            },
             tunnel_status: "connected",
             metadata: &metadata,
             extra: &[],

@@ -42,7 +42,8 @@ pub use inbound::{
 pub use json::{JsonStr, WireStr};
 pub use native::{DataKind, FrameKind, NativeError, NativeFrame, StartRequest};
 pub use outbound::{
-    Features, Heartbeat, Outbound, ProtocolFallback, Register, TcpTunnelClose, TunnelPorts,
+    Features, HEARTBEAT_DRAINING, Heartbeat, Outbound, ProtocolFallback, Register, TcpTunnelClose,
+    TunnelPorts,
 };
 pub use timestamp::UnixTime;
 

@@ -103,6 +103,11 @@ pub struct Register<'a> {
     pub k8s_service_token: Option<&'a str>,
 }
 
+/// `heartbeat` `status` of a Tether agent that is shutting down: the control plane routes new
+/// streams to another agent of the cluster and leaves this one's live streams alone. Sent only
+/// to a control plane that advertised Tether extensions.
+pub const HEARTBEAT_DRAINING: &str = "draining";
+
 /// `heartbeat` payload.
 #[derive(Debug, Clone, Copy)]
 pub struct Heartbeat<'a> {
@@ -110,7 +115,8 @@ pub struct Heartbeat<'a> {
     pub cluster_id: &'a str,
     /// `agent_id`
     pub agent_id: &'a str,
-    /// `status`: `healthy`, `reconnecting` or `disconnected`.
+    /// `status`: `healthy`, `reconnecting` or `disconnected` (PipeOps), or
+    /// [`HEARTBEAT_DRAINING`].
     pub status: &'a str,
     /// `tunnel_status`: `connected` or `disconnected`.
     pub tunnel_status: &'a str,

@@ -2,13 +2,16 @@
 //! `tether-tokio` (runtime) and `tether-core` (protocol).
 //!
 //! ```text
-//! tether-agent --control-plane URL --token TOKEN [--ca-file F | --insecure-skip-tls-verify]
+//! tether-agent --control-plane URL (--token TOKEN | --token-file F)
+//!              [--ca-file F | --insecure-skip-tls-verify]
 //!              [--kubeconfig F | --kube-url URL [--kube-token-file F] [--kube-ca-file F]]
-//!              [--metrics-listen ADDR] [--wire-mode auto|compat] [--log-format json|text]
+//!              [--metrics-listen ADDR] [--wire-mode auto|compat] [--shutdown-grace SECONDS]
+//!              [--log-format json|text]
 //! ```
 //!
 //! Every flag also reads a `TETHER_*` environment variable. Bad configuration exits with status 2
-//! and one line on stderr.
+//! and one line on stderr. SIGTERM (or Ctrl-C) drains: no new streams, live ones get the grace
+//! period, then the agent exits 0.
 
 use std::net::SocketAddr;
 use std::path::PathBuf;
@@ -16,8 +19,10 @@ use std::process::ExitCode;
 use tether_tokio::wire_mode::WireMode;
 
 use clap::{Parser, ValueEnum};
-use tether_tokio::agent::{Agent, AgentConfig, TunnelTarget};
-use tether_tokio::kube::{KubeTarget, Trust};
+use std::sync::Arc;
+use std::time::Duration;
+use tether_tokio::agent::{Agent, AgentConfig, TunnelTarget, TunnelToken};
+use tether_tokio::kube::{KubeTarget, Trust, open_token_file};
 
 /// Log output format.
 #[derive(Clone, Copy, Debug, ValueEnum)]
@@ -38,14 +43,31 @@ struct Cli {
     #[arg(long, env = "TETHER_CONTROL_PLANE", value_name = "URL")]
     control_plane: String,
 
-    /// Agent token for the control plane (sent as a bearer token, never logged).
+    /// Agent token for the control plane (sent as a bearer token, never logged). Prefer
+    /// --token-file: a flag is visible to every local user in `ps`.
     #[arg(
         long,
         env = "TETHER_TOKEN",
         value_name = "TOKEN",
-        hide_env_values = true
+        hide_env_values = true,
+        required_unless_present = "token_file",
+        conflicts_with = "token_file"
     )]
-    token: String,
+    token: Option<String>,
+
+    /// File holding the agent token (e.g. a mounted Secret); re-read at every dial, so a rotated
+    /// token is used from the next connection on without a restart.
+    #[arg(long, env = "TETHER_TOKEN_FILE", value_name = "F")]
+    token_file: Option<PathBuf>,
+
+    /// Seconds live streams may go on after SIGTERM before they are closed.
+    #[arg(
+        long,
+        env = "TETHER_SHUTDOWN_GRACE",
+        value_name = "SECONDS",
+        default_value_t = 25
+    )]
+    shutdown_grace: u64,
 
     /// CA bundle (PEM) that signed the control plane's certificate (default: public roots).
     #[arg(long, env = "TETHER_CA_FILE", value_name = "F")]
@@ -148,7 +170,14 @@ fn build(cli: &Cli) -> Result<AgentConfig, String> {
     } else {
         Trust::PublicRoots
     };
-    let tunnel = TunnelTarget::new(&cli.control_plane, &trust, &cli.token)?;
+    let token = match (&cli.token, &cli.token_file) {
+        (_, Some(f)) => TunnelToken::File(Arc::new(
+            open_token_file(f).map_err(|e| format!("--token-file: {e}"))?,
+        )),
+        (Some(t), None) => TunnelToken::from(t.as_str()),
+        (None, None) => return Err("one of --token or --token-file is required".into()),
+    };
+    let tunnel = TunnelTarget::new(&cli.control_plane, &trust, token)?;
     let kube = if let Some(k) = &cli.kubeconfig {
         KubeTarget::from_kubeconfig(k)?
     } else if let Some(url) = &cli.kube_url {
@@ -163,6 +192,7 @@ fn build(cli: &Cli) -> Result<AgentConfig, String> {
     };
     let mut config = AgentConfig::new(tunnel, kube);
     config.metrics_listen = cli.metrics_listen;
+    config.shutdown_grace = Duration::from_secs(cli.shutdown_grace);
     config.relay.extensions = cli.wire_mode.apply(config.relay.extensions);
     Ok(config)
 }
@@ -207,15 +237,9 @@ fn main() -> ExitCode {
         Err(e) => return fail(&format!("cannot start the runtime: {e}")),
     };
     runtime.block_on(async move {
-        let agent = Agent::new(config);
-        tokio::select! {
-            result = agent.run() => match result {
-                Err(e) => fail(&e),
-            },
-            () = shutdown_signal() => {
-                tracing::info!("shutting down");
-                ExitCode::SUCCESS
-            }
+        match Agent::new(config).run_until(shutdown_signal()).await {
+            Ok(()) => ExitCode::SUCCESS,
+            Err(e) => fail(&e),
         }
     })
 }

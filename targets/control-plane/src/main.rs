@@ -4,7 +4,8 @@
 //! ```text
 //! tether-control-plane serve --listen ADDR --state-dir DIR
 //!                            [--agent-token CLUSTER=TOKEN]... [--user-token USER=TOKEN]...
-//!                            [--tls-cert F --tls-key F] [--insecure-http]
+//!                            [--agent-token-file F] [--user-token-file F]
+//!                            [--tls-cert F --tls-key F] [--insecure-http] [--shutdown-grace SECONDS]
 //!                            [--forward LISTEN=CLUSTER:HOST:PORT]... [--wire-mode auto|compat]
 //! tether-control-plane kubeconfig --state-dir DIR --cluster CLUSTER --user USER [--server URL]
 //! ```
@@ -25,7 +26,7 @@ use tether_tokio::wire_mode::WireMode;
 
 use clap::{Args, Parser, Subcommand, ValueEnum};
 use tether_tokio::control_plane::{ControlPlane, ControlPlaneConfig, Forward, TlsMode, kubeconfig};
-use tether_tokio::token::TokenTable;
+use tether_tokio::token::{TokenTable, Tokens, parse_cluster_table, parse_table};
 
 #[derive(Debug, Parser)]
 #[command(
@@ -88,7 +89,22 @@ struct Serve {
         hide_env_values = true
     )]
     user_token: Vec<String>,
-    /// TLS certificate chain (PEM) instead of the self-signed one.
+    /// File of CLUSTER=TOKEN lines (a mounted Secret, say), re-read when it changes: rotated or
+    /// added agent tokens take effect without a restart.
+    #[arg(long, value_name = "F", env = "TETHER_AGENT_TOKEN_FILE")]
+    agent_token_file: Option<PathBuf>,
+    /// File of USER=TOKEN lines, re-read when it changes.
+    #[arg(long, value_name = "F", env = "TETHER_USER_TOKEN_FILE")]
+    user_token_file: Option<PathBuf>,
+    /// Seconds live client streams may go on after SIGTERM before they are closed.
+    #[arg(
+        long,
+        value_name = "SECONDS",
+        env = "TETHER_SHUTDOWN_GRACE",
+        default_value_t = 25
+    )]
+    shutdown_grace: u64,
+    /// TLS certificate chain (PEM) instead of the self-signed one; re-read when it changes.
     #[arg(long, value_name = "F", env = "TETHER_TLS_CERT", requires = "tls_key")]
     tls_cert: Option<PathBuf>,
     /// TLS private key (PEM).
@@ -260,6 +276,18 @@ fn run_serve(serve: Serve) -> Result<(), Failure> {
     for (user, token) in &users {
         user_tokens.insert(user.clone(), token);
     }
+    let mut agent_tokens = Tokens::fixed(agent_tokens);
+    if let Some(f) = &serve.agent_token_file {
+        agent_tokens = agent_tokens
+            .with_file(f, parse_cluster_table)
+            .map_err(|e| Failure::Config(format!("--agent-token-file: {e}")))?;
+    }
+    let mut user_tokens = Tokens::fixed(user_tokens);
+    if let Some(f) = &serve.user_token_file {
+        user_tokens = user_tokens
+            .with_file(f, parse_table)
+            .map_err(|e| Failure::Config(format!("--user-token-file: {e}")))?;
+    }
     let tls = match (serve.insecure_http, serve.tls_cert, serve.tls_key) {
         (true, _, _) => TlsMode::InsecureHttp,
         (false, Some(cert), Some(key)) => TlsMode::Files { cert, key },
@@ -275,6 +303,7 @@ fn run_serve(serve: Serve) -> Result<(), Failure> {
         tls,
         forwards,
         wire_mode: serve.wire_mode,
+        shutdown_grace: std::time::Duration::from_secs(serve.shutdown_grace),
     };
     let runtime = tokio::runtime::Builder::new_multi_thread()
         .enable_all()

@@ -1,5 +1,6 @@
 //! Agent metrics (Prometheus text format) and the `--metrics-listen` HTTP endpoint serving
-//! `/metrics` and `/healthz`.
+//! `/metrics`, `/healthz` (the process answers) and `/readyz` (the tunnel is registered and the
+//! agent is not draining: 200, else 503 with the reason).
 //!
 //! Also the building blocks both runtimes share (the control plane's `/metrics` uses them too):
 //! stream gauges and duration histograms per `StreamKind`, error counters per `ErrorClass`,
@@ -88,6 +89,10 @@ pub(crate) struct StreamStats {
 }
 
 impl StreamStats {
+    /// Streams of every kind live now.
+    pub(crate) fn live(&self) -> i64 {
+        self.active.iter().map(|a| a.load(Ordering::Relaxed)).sum()
+    }
     /// Counts a stream of `kind` as live until the returned guard is dropped, which records its
     /// duration.
     pub(crate) fn start(self: &Arc<Self>, kind: StreamKind) -> StreamLife {
@@ -527,6 +532,8 @@ pub struct Metrics {
     pub upstream_errors: AtomicU64,
     /// Whether a tunnel is up and registered.
     pub connected: AtomicBool,
+    /// Whether the agent is shutting down (SIGTERM): no new streams, live ones finishing.
+    pub draining: AtomicBool,
     /// Tunnel connections lost after the control plane accepted the registration.
     pub tunnel_reconnects: AtomicU64,
     streams: Arc<StreamStats>,
@@ -573,6 +580,21 @@ impl Metrics {
     /// The session ended: tunnel reading is no longer paused; `registered` says whether the control
     /// plane had accepted it (then it counts as a reconnect); `failed` whether it ended by a
     /// failure (read/write error, silence) rather than the control plane's close.
+    /// Ready (for a Kubernetes readiness probe) while the tunnel is registered and the agent is
+    /// not draining; otherwise why not.
+    ///
+    /// # Errors
+    /// The reason, one line.
+    pub fn readiness(&self) -> Result<(), &'static str> {
+        if self.draining.load(Ordering::Relaxed) {
+            Err("draining (shutting down)")
+        } else if !self.connected.load(Ordering::Relaxed) {
+            Err("the tunnel is not registered with the control plane")
+        } else {
+            Ok(())
+        }
+    }
+
     pub(crate) fn session_ended(&self, registered: bool, failed: bool) {
         self.paused.set(0, false);
         self.ring_messages.store(0, Ordering::Relaxed);
@@ -736,6 +758,12 @@ impl Metrics {
             u64::from(connected),
         );
         metric(
+            "tether_agent_draining",
+            "gauge",
+            "1 while the agent shuts down: it takes no new streams and lets live ones finish.",
+            u64::from(self.draining.load(Ordering::Relaxed)),
+        );
+        metric(
             "tether_tunnel_reconnects_total",
             "counter",
             "Tunnel connections lost after the control plane accepted the registration.",
@@ -776,7 +804,7 @@ impl Metrics {
     }
 }
 
-/// Binds `addr` and serves `/metrics` and `/healthz` in a background task; returns the bound
+/// Binds `addr` and serves `/metrics`, `/healthz` and `/readyz` in a background task; returns the bound
 /// address.
 ///
 /// # Errors
@@ -817,7 +845,15 @@ fn answer<B>(req: &Request<B>, metrics: &Metrics) -> Response<Full<Bytes>> {
             metrics.render(),
         ),
         ("GET", "/healthz") => (StatusCode::OK, "text/plain", "ok\n".to_string()),
-        (_, "/metrics" | "/healthz") => (
+        ("GET", "/readyz") => match metrics.readiness() {
+            Ok(()) => (StatusCode::OK, "text/plain", "ready\n".to_string()),
+            Err(why) => (
+                StatusCode::SERVICE_UNAVAILABLE,
+                "text/plain",
+                format!("not ready: {why}\n"),
+            ),
+        },
+        (_, "/metrics" | "/healthz" | "/readyz") => (
             StatusCode::METHOD_NOT_ALLOWED,
             "text/plain",
             "method not allowed\n".to_string(),
@@ -841,6 +877,24 @@ fn answer<B>(req: &Request<B>, metrics: &Metrics) -> Response<Full<Bytes>> {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn ready_only_while_registered_and_not_draining() {
+        let m = Metrics::default();
+        let status = |m: &Metrics| {
+            let req = Request::get("/readyz").body(()).unwrap();
+            answer(&req, m).status()
+        };
+        assert!(m.readiness().unwrap_err().contains("not registered"));
+        assert_eq!(status(&m), StatusCode::SERVICE_UNAVAILABLE);
+        m.connected.store(true, Ordering::Relaxed);
+        assert_eq!(m.readiness(), Ok(()));
+        assert_eq!(status(&m), StatusCode::OK);
+        m.draining.store(true, Ordering::Relaxed);
+        assert!(m.readiness().unwrap_err().contains("draining"));
+        assert_eq!(status(&m), StatusCode::SERVICE_UNAVAILABLE);
+        assert!(m.render().contains("tether_agent_draining 1"));
+    }
 
     #[test]
     fn render_shows_relay_and_adapter_counters() {

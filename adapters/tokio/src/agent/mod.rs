@@ -13,6 +13,10 @@
 //! * A 401 or 403 from the control plane is logged once, in one line, and retried every
 //!   [`AgentConfig::unauthorized_retry`] (default: about the backoff cap), never in a hot loop.
 //! * Tokens are never logged.
+//! * Shutdown ([`Agent::run_until`]): the agent stops taking new streams (503 to the control
+//!   plane, which a Tether control plane learns from a `draining` heartbeat and stops sending),
+//!   lets live ones finish within [`AgentConfig::shutdown_grace`], then closes what is left with
+//!   1001 and a clear reason, and exits. `/readyz` is 503 from the first moment.
 
 mod http;
 pub mod metrics;
@@ -21,7 +25,9 @@ pub mod tunnel;
 mod upstream;
 
 use std::convert::Infallible;
+use std::future::Future;
 use std::net::SocketAddr;
+use std::pin::Pin;
 use std::sync::Arc;
 use std::sync::atomic::Ordering;
 use std::time::Duration;
@@ -36,7 +42,10 @@ use crate::kube::KubeTarget;
 
 pub use crate::buf::Buf;
 pub use metrics::Metrics;
-pub use tunnel::{DialError, TunnelTarget};
+pub use tunnel::{DialError, TunnelTarget, TunnelToken};
+
+/// Default time live streams get to finish after a shutdown signal.
+pub const SHUTDOWN_GRACE: Duration = Duration::from_secs(25);
 
 /// Default delay before retrying a dial the control plane refused with 401/403: the backoff cap.
 pub const UNAUTHORIZED_RETRY: Duration = Duration::from_secs(60);
@@ -73,6 +82,8 @@ pub struct AgentConfig {
     pub backoff: Backoff,
     /// Delay before retrying after a 401/403.
     pub unauthorized_retry: Duration,
+    /// After a shutdown signal, how long live streams may go on before they are closed.
+    pub shutdown_grace: Duration,
 }
 
 impl AgentConfig {
@@ -90,6 +101,7 @@ impl AgentConfig {
             name: host,
             backoff: Backoff::TUNNEL,
             unauthorized_retry: UNAUTHORIZED_RETRY,
+            shutdown_grace: SHUTDOWN_GRACE,
         }
     }
 }
@@ -125,6 +137,52 @@ impl Shared {
     }
 }
 
+/// A shutdown request and its grace period, as the session sees them.
+pub(crate) struct Drain {
+    /// Resolves once shutdown is asked for; `None` once it has.
+    signal: Option<Pin<Box<dyn Future<Output = ()> + Send>>>,
+    grace: Duration,
+    /// When what is still live gets closed (set when the signal came).
+    deadline: Option<tokio::time::Instant>,
+}
+
+impl Drain {
+    fn new(signal: impl Future<Output = ()> + Send + 'static, grace: Duration) -> Self {
+        Self {
+            signal: Some(Box::pin(signal)),
+            grace,
+            deadline: None,
+        }
+    }
+
+    /// Whether shutdown was asked for.
+    pub(crate) fn requested(&self) -> bool {
+        self.signal.is_none()
+    }
+
+    /// Completes when shutdown is asked for (once; pending forever after).
+    pub(crate) async fn signalled(&mut self) {
+        match &mut self.signal {
+            Some(signal) => {
+                signal.await;
+                self.signal = None;
+                self.deadline = Some(tokio::time::Instant::now() + self.grace);
+            }
+            None => std::future::pending().await,
+        }
+    }
+
+    /// When the grace period ends, once shutdown was asked for.
+    pub(crate) fn deadline(&self) -> Option<tokio::time::Instant> {
+        self.deadline
+    }
+
+    /// The grace period.
+    pub(crate) fn grace(&self) -> Duration {
+        self.grace
+    }
+}
+
 /// A configured agent.
 pub struct Agent {
     config: AgentConfig,
@@ -152,7 +210,22 @@ impl Agent {
     /// # Errors
     /// Only a startup failure (the metrics address cannot be bound), as one line.
     pub async fn run(self) -> Result<Infallible, String> {
+        self.run_until(std::future::pending()).await?;
+        unreachable!("the agent never drains without a shutdown signal")
+    }
+
+    /// As [`run`](Self::run) until `shutdown` completes; then drains (see the module docs) and
+    /// returns once nothing is live or [`AgentConfig::shutdown_grace`] ran out. Not connected at
+    /// that moment: returns at once.
+    ///
+    /// # Errors
+    /// Only a startup failure (the metrics address cannot be bound), as one line.
+    pub async fn run_until(
+        self,
+        shutdown: impl Future<Output = ()> + Send + 'static,
+    ) -> Result<(), String> {
         let Self { config, metrics } = self;
+        let mut drain = Drain::new(shutdown, config.shutdown_grace);
         if let Some(addr) = config.metrics_listen {
             let bound = metrics::serve(addr, metrics.clone()).await?;
             info!(addr = %bound, "serving /metrics and /healthz");
@@ -189,7 +262,14 @@ impl Agent {
         let mut unauthorized_logged = false;
         info!(url = config.tunnel.url(), kube = %config.kube.base_url(), "tether agent starting");
         loop {
-            let delay = match config.tunnel.dial(max_inbound).await {
+            let dialled = tokio::select! {
+                dialled = config.tunnel.dial(max_inbound) => dialled,
+                () = drain.signalled() => {
+                    info!("shutting down (no tunnel was up)");
+                    return Ok(());
+                }
+            };
+            let delay = match dialled {
                 Ok(ws) => {
                     unauthorized_logged = false;
                     info!(url = config.tunnel.url(), "tunnel connected");
@@ -203,6 +283,7 @@ impl Agent {
                         &mut txbuf,
                         ws,
                         info,
+                        &mut drain,
                     )
                     .await;
                     relay.handle_tunnel_lost(shared.now());
@@ -211,6 +292,10 @@ impl Agent {
                     metrics.set_relay(relay.stats());
                     metrics.reconnects.fetch_add(1, Ordering::Relaxed);
                     metrics.session_ended(end.registered, session_failed(&end.reason));
+                    if drain.requested() {
+                        info!("shut down: {}", end.reason);
+                        return Ok(());
+                    }
                     if end.registered {
                         backoff.reset();
                     }
@@ -247,7 +332,13 @@ impl Agent {
                     delay
                 }
             };
-            tokio::time::sleep(delay).await;
+            tokio::select! {
+                () = tokio::time::sleep(delay) => {}
+                () = drain.signalled() => {
+                    info!("shutting down (no tunnel was up)");
+                    return Ok(());
+                }
+            }
         }
     }
 }

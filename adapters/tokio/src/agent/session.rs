@@ -22,13 +22,15 @@ use tether_core::request::{Cancelled, RequestBody, RequestError, RequestEvent, R
 use tether_core::wire::{Body, Inbound, JsonStr, Outbound, UnixTime};
 use tokio::sync::mpsc;
 use tokio_tungstenite::tungstenite::Message;
+use tokio_tungstenite::tungstenite::protocol::CloseFrame;
+use tokio_tungstenite::tungstenite::protocol::frame::coding::CloseCode;
 use tracing::{debug, info, warn};
 
 use super::http::{self, AbortOnDrop, HttpSpec};
 use super::metrics::{RingSampler, StreamKind};
 use super::tunnel::TunnelSocket;
 use super::upstream::{self, StreamCtl, StreamSpec, ToUpstream};
-use super::{AgentRelay, AgentRequests, Shared};
+use super::{AgentRelay, AgentRequests, Drain, Shared};
 use crate::buf::Buf;
 use crate::kube::headers;
 
@@ -38,6 +40,11 @@ const STREAM_QUEUE: usize = 16;
 const BODY_QUEUE: usize = 16;
 /// Events from all tasks to the session.
 const EVENT_QUEUE: usize = 64;
+/// What a stream or request that arrives while the agent drains is told (HTTP 503).
+const DRAINING: &str = "the agent is shutting down; retry to reach another agent of the cluster";
+/// Why live streams end when the shutdown grace period runs out (close 1001).
+const GRACE_OVER: &str = "agent shutting down: grace period over";
+
 /// Largest response body buffered for a client that did not ask for streamed responses.
 const MAX_BUFFERED_RESPONSE: usize = 8 << 20;
 /// Tunnel bytes written before the session looks at its inputs again. The relay decides what to
@@ -161,6 +168,8 @@ pub(crate) struct Session<'a> {
     backlog: bool,
     /// When the ring gauges were last sampled (a walk over every stream).
     rings: RingSampler,
+    /// Plain HTTP requests refused while draining, answered 503 by the next flush.
+    refused: Vec<String>,
 }
 
 fn unix_now() -> UnixTime {
@@ -176,6 +185,10 @@ fn json_string(s: JsonStr<'_>) -> String {
 
 /// Runs one session on a connected tunnel until it ends; the caller then tells the cores the
 /// tunnel is lost.
+///
+/// Once `drain` is signalled the relay tells the control plane it drains, new streams and
+/// requests get 503, and the session ends (closing the tunnel with 1001) as soon as nothing is
+/// live, or when the grace period runs out, after closing what is left with 1001.
 #[allow(clippy::too_many_arguments)]
 pub(crate) async fn run(
     relay: &mut AgentRelay,
@@ -185,6 +198,7 @@ pub(crate) async fn run(
     txbuf: &mut Vec<u8>,
     ws: TunnelSocket,
     info: SessionInfo,
+    drain: &mut Drain,
 ) -> SessionEnd {
     let (sink, mut source) = ws.split();
     let (events_tx, mut events_rx) = mpsc::channel(EVENT_QUEUE);
@@ -206,9 +220,13 @@ pub(crate) async fn run(
         outbox: VecDeque::new(),
         backlog: false,
         rings: RingSampler::default(),
+        refused: Vec::new(),
     };
     let now = shared.now();
     s.relay.start_session(now, info);
+    if drain.requested() {
+        s.relay.start_draining();
+    }
     let reason = loop {
         if let Err(e) = s.flush().await {
             break e;
@@ -216,6 +234,12 @@ pub(crate) async fn run(
         if let Some(reason) = s.dead.take() {
             break reason;
         }
+        if drain.requested() && s.is_idle() {
+            break s
+                .close_tunnel("agent drained: nothing live, shutting down")
+                .await;
+        }
+        let grace_over = drain.deadline();
         let deadline = [s.relay.poll_timeout(), s.requests.poll_timeout()]
             .into_iter()
             .flatten()
@@ -273,6 +297,30 @@ pub(crate) async fn run(
                 s.body_wait = None;
                 s.resume_pending(Pause::Body);
             }
+            () = drain.signalled() => {
+                info!(
+                    streams = s.streams.len(),
+                    requests = s.http.len(),
+                    grace_s = drain.grace().as_secs_f64(),
+                    "shutting down: taking no new streams, letting live ones finish"
+                );
+                s.relay.start_draining();
+                s.shared.metrics.draining.store(true, Ordering::Relaxed);
+            }
+            () = sleep_until(grace_over) => {
+                warn!(
+                    streams = s.streams.len(),
+                    requests = s.http.len(),
+                    "shutdown grace period over: closing what is still live"
+                );
+                if let Err(e) = s.end_everything().await {
+                    break e;
+                }
+                if let Err(e) = s.flush().await {
+                    break e;
+                }
+                break s.close_tunnel(GRACE_OVER).await;
+            }
         }
     };
     let registered = s.registered;
@@ -302,6 +350,13 @@ impl Session<'_> {
     /// [`FLUSH_BUDGET`] bytes were written; then `backlog` says more is owed, and the session
     /// reads its inputs before writing on.
     async fn flush(&mut self) -> Result<(), String> {
+        for id in std::mem::take(&mut self.refused) {
+            let unix = unix_now();
+            let r = self
+                .requests
+                .encode_response_failed(&id, 503, DRAINING, unix, self.txbuf);
+            self.response_written(&id, r.map(|n| (0, n))).await?;
+        }
         loop {
             let mut progressed = false;
             while let Some(event) = self.requests.poll_event() {
@@ -627,6 +682,11 @@ impl Session<'_> {
             self.shared.metrics.tunnel_error(e);
         }
         match result {
+            Ok(Handled::Start(start)) if self.relay.is_draining() => {
+                let id = start.stream.as_str();
+                info!(stream = id, "stream refused: draining");
+                let _ = self.relay.handle_upstream_failed(now, id, 503, DRAINING);
+            }
             Ok(Handled::Start(start)) => {
                 let spec = stream_spec(
                     start.stream.as_str(),
@@ -644,6 +704,15 @@ impl Session<'_> {
                     Inbound::ProxyRequest(req) => {
                         let unix = unix_now();
                         match self.requests.handle_request(now, unix, &env, &req) {
+                            Ok(start) if self.relay.is_draining() => {
+                                let id = start.id.as_str().to_string();
+                                info!(request = id.as_str(), "request refused: draining");
+                                if start.websocket {
+                                    let _ = self.requests.upgrade_failed(&id, 503, DRAINING);
+                                } else {
+                                    self.refused.push(id);
+                                }
+                            }
                             Ok(start) => self.start_request(start),
                             Err(RequestError::Blocked) => {
                                 self.pending = Some(frame.clone());
@@ -1116,6 +1185,65 @@ impl Session<'_> {
 
     /// The tunnel is gone: open upstreams are closed politely (1001), dials and requests are
     /// abandoned.
+    /// Nothing live: no stream, no request, nothing owed to the control plane.
+    fn is_idle(&self) -> bool {
+        self.streams.is_empty()
+            && self.http.is_empty()
+            && self.refused.is_empty()
+            && self.relay.stream_count() == 0
+            && self.requests.is_empty()
+    }
+
+    /// The grace period ran out: every stream closes with 1001 both ways (a stream still
+    /// dialling fails with 503), every request fails with 503.
+    async fn end_everything(&mut self) -> Result<(), String> {
+        let now = self.shared.now();
+        let ids: Vec<String> = self.streams.keys().cloned().collect();
+        for id in ids {
+            let Some(mut h) = self.streams.remove(&id) else {
+                continue;
+            };
+            if h.open {
+                let _ = h
+                    .commands
+                    .try_send(ToUpstream::Close(1001, GRACE_OVER.into()));
+                h.ctl.paused.store(false, Ordering::Release);
+                h.ctl.resume.notify_one();
+                if let Some(task) = h.task.take() {
+                    task.detach();
+                }
+                let _ = self
+                    .relay
+                    .handle_upstream_closed(now, &id, 1001, GRACE_OVER);
+            } else {
+                let _ = self.relay.handle_upstream_failed(now, &id, 503, GRACE_OVER);
+            }
+            if h.upgrade {
+                let _ = self.requests.upgrade_failed(&id, 503, GRACE_OVER);
+            }
+        }
+        let ids: Vec<String> = self.http.keys().cloned().collect();
+        for id in ids {
+            self.on_task(FromTask::HttpFailed {
+                id,
+                status: 503,
+                message: GRACE_OVER.into(),
+            })
+            .await?;
+        }
+        Ok(())
+    }
+
+    /// Closes the tunnel with 1001 and `reason`; returns the session's end reason.
+    async fn close_tunnel(&mut self, reason: &str) -> String {
+        let frame = CloseFrame {
+            code: CloseCode::Away,
+            reason: reason.to_string().into(),
+        };
+        let _ = self.sink.send(Message::Close(Some(frame))).await;
+        reason.to_string()
+    }
+
     fn shutdown(&mut self) {
         for (_, mut h) in self.streams.drain() {
             if h.open

@@ -12,7 +12,7 @@ use tokio_tungstenite::tungstenite::client::IntoClientRequest as _;
 use tokio_tungstenite::tungstenite::http::HeaderValue;
 use tokio_tungstenite::tungstenite::protocol::WebSocketConfig;
 
-use crate::kube::{KubeStream, Trust, tls};
+use crate::kube::{KubeStream, TokenFile, Trust, tls};
 
 /// The path the control plane serves agents on (used when the URL has no path).
 pub const AGENT_PATH: &str = "/api/v1/clusters/agent/ws";
@@ -23,6 +23,32 @@ pub const HANDSHAKE_TIMEOUT: Duration = Duration::from_secs(30);
 /// The tunnel socket.
 pub type TunnelSocket = WebSocketStream<KubeStream>;
 
+/// The agent's token for the control plane.
+#[derive(Clone)]
+pub enum TunnelToken {
+    /// Given as is (`--token`).
+    Fixed(String),
+    /// Read from a file at every dial, so a rotated token (a Kubernetes Secret updated in
+    /// place) is used from the next connection on without a restart (`--token-file`).
+    File(Arc<TokenFile>),
+}
+
+impl From<&str> for TunnelToken {
+    fn from(token: &str) -> Self {
+        Self::Fixed(token.to_string())
+    }
+}
+
+impl TunnelToken {
+    /// The token to send now.
+    fn current(&self) -> Result<String, String> {
+        match self {
+            Self::Fixed(t) => Ok(t.clone()),
+            Self::File(f) => f.get().map(|t| (*t).clone()),
+        }
+    }
+}
+
 /// Where and how to dial the control plane.
 #[derive(Clone)]
 pub struct TunnelTarget {
@@ -30,7 +56,7 @@ pub struct TunnelTarget {
     tls: Option<Arc<rustls::ClientConfig>>,
     host: String,
     port: u16,
-    token: String,
+    token: TunnelToken,
 }
 
 impl std::fmt::Debug for TunnelTarget {
@@ -76,7 +102,8 @@ impl TunnelTarget {
     ///
     /// # Errors
     /// One line naming what is wrong.
-    pub fn new(url: &str, trust: &Trust, token: &str) -> Result<Self, String> {
+    pub fn new(url: &str, trust: &Trust, token: impl Into<TunnelToken>) -> Result<Self, String> {
+        let token = token.into();
         let uri: http::Uri = url
             .parse()
             .map_err(|e| format!("invalid --control-plane URL {url:?}: {e}"))?;
@@ -97,7 +124,9 @@ impl TunnelTarget {
                 "invalid --control-plane URL {url:?}: user info is not allowed"
             ));
         }
-        if token.is_empty() || token.chars().any(|c| c.is_control() || c == ' ') {
+        if let TunnelToken::Fixed(token) = &token
+            && (token.is_empty() || token.chars().any(|c| c.is_control() || c == ' '))
+        {
             return Err("invalid --token: empty or contains spaces or control characters".into());
         }
         let host = authority.host().to_string();
@@ -119,7 +148,7 @@ impl TunnelTarget {
             tls,
             host,
             port,
-            token: token.to_string(),
+            token,
         })
     }
 
@@ -172,7 +201,8 @@ impl TunnelTarget {
             .as_str()
             .into_client_request()
             .map_err(|e| DialError::Failed(format!("invalid request: {e}")))?;
-        let bearer = HeaderValue::from_str(&format!("Bearer {}", self.token))
+        let token = self.token.current().map_err(DialError::Failed)?;
+        let bearer = HeaderValue::from_str(&format!("Bearer {token}"))
             .map_err(|_| DialError::Failed("token is not a valid header value".into()))?;
         request.headers_mut().insert("Authorization", bearer);
         let config = WebSocketConfig::default()

@@ -121,8 +121,11 @@ pub(crate) enum Cmd {
     Writable {
         id: String,
     },
-    /// A newer tunnel registered for the same cluster: end this one.
-    Replace,
+    /// End the tunnel now: every stream on it closes with `reason` (the control plane's
+    /// shutdown grace ran out).
+    End {
+        reason: &'static str,
+    },
 }
 
 /// Sends [`Cmd::ClientClosed`] when dropped, so a client task that ends in any way (error, panic,

@@ -193,6 +193,11 @@ impl Metrics {
         self.streams.start(kind)
     }
 
+    /// Client streams and requests of every kind live now.
+    pub(crate) fn live_streams(&self) -> i64 {
+        self.streams.live()
+    }
+
     /// The Prometheus text exposition.
     #[must_use]
     pub fn render(&self) -> String {

@@ -2,8 +2,9 @@
 //! driving a [`tether_core::gateway::Gateway`], one task per client connection.
 //!
 //! * `GET /api/v1/clusters/agent/ws` (WebSocket): an agent, authenticated by its bearer token,
-//!   which names its cluster. One live tunnel per cluster: a newer one replaces the older once it
-//!   registers, and the older one's streams end with a clear error.
+//!   which names its cluster. A cluster may have several agents (replicas, rolling updates): every
+//!   tunnel keeps its own streams, and new streams go to the newest one whose agent is not
+//!   draining (see [`Registry`]).
 //! * `/clusters/<cluster>/<kube path>`: a kubectl user, authenticated by its bearer token (constant
 //!   time, never logged). The request reaches the cluster's agent with `Impersonate-User: <user>` and
 //!   without any client-sent `Impersonate-*` or `Authorization`. A WebSocket upgrade is answered 101
@@ -11,7 +12,11 @@
 //!   with the upstream's status. Other requests stream their response back (chunked).
 //! * No agent connected for the cluster: 502 with a Kubernetes `Status`, at once. Bad or missing
 //!   token: 401 `Status`.
-//! * `/healthz`: 200 `ok`. `/metrics`: Prometheus text (see [`Metrics`]).
+//! * `/healthz`: 200 `ok`. `/readyz`: 200 `ready`, 503 once shutting down. `/metrics`:
+//!   Prometheus text (see [`Metrics`]).
+//! * Shutdown ([`ControlPlane::run`]): stop accepting, let live client streams finish within
+//!   [`ControlPlaneConfig::shutdown_grace`], then end every tunnel with 1001 (agents redial,
+//!   reaching another replica) and what is still live with a clear reason.
 //!
 //! * `--forward LISTEN=CLUSTER:HOST:PORT` ([`ControlPlaneConfig::forwards`]): TCP connections
 //!   accepted on `LISTEN` are carried through the cluster's tunnel to `HOST:PORT` on the agent's
@@ -35,7 +40,7 @@ use std::future::Future;
 use std::io;
 use std::net::SocketAddr;
 use std::path::PathBuf;
-use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
@@ -58,7 +63,7 @@ pub use forward::{Forward, ForwardSpecError};
 pub use metrics::Metrics;
 pub use status::{status_json, status_response};
 
-use crate::token::TokenTable;
+use crate::token::{TokenTable, Tokens};
 use link::Cmd;
 
 /// Path agents dial.
@@ -96,9 +101,9 @@ pub struct ControlPlaneConfig {
     /// Directory for the TLS certificate, the recorded endpoint and user tokens.
     pub state_dir: PathBuf,
     /// Agent tokens; the name is the cluster.
-    pub agent_tokens: TokenTable,
+    pub agent_tokens: Tokens,
     /// User tokens; the name is the user (sent as `Impersonate-User`).
-    pub user_tokens: TokenTable,
+    pub user_tokens: Tokens,
     /// User tokens as given, recorded in the state directory for `kubeconfig` (mode 0600).
     pub user_token_pairs: Vec<(String, String)>,
     /// TLS mode.
@@ -107,7 +112,15 @@ pub struct ControlPlaneConfig {
     pub forwards: Vec<Forward>,
     /// Whether agents are offered the native wire mode.
     pub wire_mode: crate::wire_mode::WireMode,
+    /// After the shutdown signal, how long live client streams may go on.
+    pub shutdown_grace: Duration,
 }
+
+/// Default [`ControlPlaneConfig::shutdown_grace`].
+pub const SHUTDOWN_GRACE: Duration = Duration::from_secs(25);
+
+/// Why the control plane's tunnels end when it shuts down.
+const SHUTTING_DOWN: &str = "control plane shutting down";
 
 /// Why the control plane could not start.
 #[derive(Debug)]
@@ -129,61 +142,105 @@ impl std::fmt::Display for StartError {
 
 impl std::error::Error for StartError {}
 
-/// Live tunnels by cluster.
+/// Every registered tunnel of every cluster.
+///
+/// A cluster may have several agents at once (replicas, or the old and the new one during a
+/// rolling update). Each keeps its own streams until it ends; a new stream goes to the newest
+/// tunnel whose agent is not draining, so a rolling update moves new work to the new agent while
+/// the old one finishes what it carries. Only when every tunnel drains does a new stream go to a
+/// draining one (whose agent answers it with a clear 503).
 #[derive(Debug, Default)]
 pub(crate) struct Registry {
-    tunnels: Mutex<HashMap<String, (u64, mpsc::UnboundedSender<Cmd>)>>,
+    tunnels: Mutex<HashMap<String, Vec<Registered>>>,
+}
+
+/// One registered tunnel.
+#[derive(Debug)]
+struct Registered {
+    generation: u64,
+    tx: mpsc::UnboundedSender<Cmd>,
+    draining: bool,
 }
 
 impl Registry {
-    fn lock(
-        &self,
-    ) -> std::sync::MutexGuard<'_, HashMap<String, (u64, mpsc::UnboundedSender<Cmd>)>> {
+    fn lock(&self) -> std::sync::MutexGuard<'_, HashMap<String, Vec<Registered>>> {
         self.tunnels
             .lock()
             .unwrap_or_else(std::sync::PoisonError::into_inner)
     }
 
-    /// The command channel of `cluster`'s live tunnel.
+    /// The command channel of the tunnel a new stream of `cluster` should take.
     pub(crate) fn get(&self, cluster: &str) -> Option<mpsc::UnboundedSender<Cmd>> {
-        self.lock()
-            .get(cluster)
-            .filter(|(_, tx)| !tx.is_closed())
-            .map(|(_, tx)| tx.clone())
+        let tunnels = self.lock();
+        let live = tunnels.get(cluster)?.iter().filter(|t| !t.tx.is_closed());
+        // Generations grow: the newest is the highest.
+        let newest_open = live
+            .clone()
+            .filter(|t| !t.draining)
+            .max_by_key(|t| t.generation);
+        newest_open
+            .or_else(|| live.max_by_key(|t| t.generation))
+            .map(|t| t.tx.clone())
     }
 
-    /// Makes `generation` the live tunnel of `cluster`; returns the one it replaces.
-    pub(crate) fn insert(
-        &self,
-        cluster: &str,
-        generation: u64,
-        tx: mpsc::UnboundedSender<Cmd>,
-    ) -> Option<mpsc::UnboundedSender<Cmd>> {
-        self.lock()
-            .insert(cluster.to_string(), (generation, tx))
-            .map(|(_, old)| old)
+    /// Adds `generation` as a registered tunnel of `cluster`; the cluster's other tunnels stay.
+    pub(crate) fn insert(&self, cluster: &str, generation: u64, tx: mpsc::UnboundedSender<Cmd>) {
+        let mut tunnels = self.lock();
+        let list = tunnels.entry(cluster.to_string()).or_default();
+        list.retain(|t| !t.tx.is_closed());
+        list.push(Registered {
+            generation,
+            tx,
+            draining: false,
+        });
     }
 
-    /// Forgets `cluster`'s tunnel if it is still `generation`.
+    /// Marks `cluster`'s tunnel `generation` as draining: no new stream goes to it while the
+    /// cluster has a tunnel that is not.
+    pub(crate) fn set_draining(&self, cluster: &str, generation: u64) {
+        if let Some(t) = self
+            .lock()
+            .get_mut(cluster)
+            .and_then(|l| l.iter_mut().find(|t| t.generation == generation))
+        {
+            t.draining = true;
+        }
+    }
+
+    /// Forgets `cluster`'s tunnel `generation`.
     pub(crate) fn remove(&self, cluster: &str, generation: u64) {
         let mut tunnels = self.lock();
-        if tunnels.get(cluster).is_some_and(|(g, _)| *g == generation) {
-            tunnels.remove(cluster);
+        if let Some(list) = tunnels.get_mut(cluster) {
+            list.retain(|t| t.generation != generation);
+            if list.is_empty() {
+                tunnels.remove(cluster);
+            }
         }
+    }
+
+    /// The command channel of every registered tunnel.
+    pub(crate) fn all(&self) -> Vec<mpsc::UnboundedSender<Cmd>> {
+        self.lock()
+            .values()
+            .flatten()
+            .map(|t| t.tx.clone())
+            .collect()
     }
 }
 
 /// State shared by every connection.
 #[derive(Debug)]
 pub(crate) struct State {
-    pub(crate) agent_tokens: TokenTable,
-    pub(crate) user_tokens: TokenTable,
+    pub(crate) agent_tokens: Tokens,
+    pub(crate) user_tokens: Tokens,
     pub(crate) registry: Registry,
     pub(crate) metrics: Metrics,
     pub(crate) next_id: AtomicU64,
     next_generation: AtomicU64,
     /// Whether agents are offered the native wire mode.
     pub(crate) wire_mode: crate::wire_mode::WireMode,
+    /// Shutting down: `/readyz` says 503.
+    draining: AtomicBool,
 }
 
 /// The bearer token of a request, if it has one.
@@ -200,6 +257,7 @@ pub struct ControlPlane {
     forwards: Vec<(TcpListener, Arc<Forward>)>,
     acceptor: Option<TlsAcceptor>,
     state: Arc<State>,
+    shutdown_grace: Duration,
     base_url: String,
 }
 
@@ -219,7 +277,7 @@ impl ControlPlane {
     /// [`StartError`] with a one-line reason.
     pub async fn bind(config: ControlPlaneConfig) -> Result<Self, StartError> {
         let dir = &config.state_dir;
-        std::fs::create_dir_all(dir).map_err(|e| {
+        private_dir(dir).map_err(|e| {
             StartError::Io(
                 format!("cannot create the state directory {}", dir.display()),
                 e,
@@ -249,11 +307,7 @@ impl ControlPlane {
                 Some(tls::server_config(&cert, &key).map_err(StartError::Tls)?)
             }
             TlsMode::Files { cert, key } => {
-                let cert = std::fs::read(cert)
-                    .map_err(|e| StartError::Io(format!("cannot read {}", cert.display()), e))?;
-                let key = std::fs::read(key)
-                    .map_err(|e| StartError::Io(format!("cannot read {}", key.display()), e))?;
-                Some(tls::server_config(&cert, &key).map_err(StartError::Tls)?)
+                Some(tls::reloading_server_config(cert, key).map_err(StartError::Tls)?)
             }
         }
         .map(|c| TlsAcceptor::from(Arc::new(c)));
@@ -312,7 +366,9 @@ impl ControlPlane {
                 next_id: AtomicU64::new(1),
                 next_generation: AtomicU64::new(1),
                 wire_mode: config.wire_mode,
+                draining: AtomicBool::new(false),
             }),
+            shutdown_grace: config.shutdown_grace,
             base_url,
         })
     }
@@ -339,8 +395,10 @@ impl ControlPlane {
         &self.base_url
     }
 
-    /// Serves until `shutdown` completes. Connections in progress are left to finish on their own
-    /// tasks.
+    /// Serves until `shutdown` completes, then drains: accepts nothing more, `/readyz` says 503,
+    /// live client streams get [`ControlPlaneConfig::shutdown_grace`] to finish, then every tunnel
+    /// ends with 1001 (agents redial) and what is still live with "control plane shutting down".
+    /// Returns when that is done.
     ///
     /// # Errors
     /// Only if accepting fails persistently; single accept errors are logged and retried.
@@ -356,6 +414,8 @@ impl ControlPlane {
             let (tcp, peer) = tokio::select! {
                 () = &mut shutdown => {
                     forwards.abort_all();
+                    drop(self.listener);
+                    drain(&self.state, self.shutdown_grace).await;
                     return Ok(());
                 }
                 accepted = self.listener.accept() => match accepted {
@@ -392,6 +452,59 @@ impl ControlPlane {
     }
 }
 
+/// Creates `dir` (and its parents) with mode 0700, or tightens an existing one to 0700: it holds
+/// the TLS key and user tokens, whatever the umask.
+fn private_dir(dir: &std::path::Path) -> io::Result<()> {
+    use std::os::unix::fs::{DirBuilderExt as _, PermissionsExt as _};
+    std::fs::DirBuilder::new()
+        .recursive(true)
+        .mode(0o700)
+        .create(dir)?;
+    let mode = std::fs::metadata(dir)?.permissions().mode() & 0o777;
+    if mode != 0o700 {
+        tracing::debug!(
+            dir = %dir.display(),
+            "the state directory was mode {mode:03o}; setting it to 700"
+        );
+        std::fs::set_permissions(dir, std::fs::Permissions::from_mode(0o700))?;
+    }
+    Ok(())
+}
+
+/// The shutdown after the listener closed: see [`ControlPlane::run`].
+async fn drain(state: &State, grace: Duration) {
+    state.draining.store(true, Ordering::Relaxed);
+    let live = state.metrics.live_streams();
+    tracing::info!(
+        live,
+        grace_s = grace.as_secs_f64(),
+        "shutting down: accepting nothing new, letting live streams finish"
+    );
+    let deadline = tokio::time::Instant::now() + grace;
+    while state.metrics.live_streams() > 0 && tokio::time::Instant::now() < deadline {
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+    let live = state.metrics.live_streams();
+    if live > 0 {
+        tracing::warn!(
+            live,
+            "shutdown grace period over: closing what is still live"
+        );
+    }
+    let tunnels = state.registry.all();
+    for tunnel in &tunnels {
+        let _ = tunnel.send(Cmd::End {
+            reason: SHUTTING_DOWN,
+        });
+    }
+    // Let the tunnel tasks write their close frames, and the client tasks theirs.
+    let settle = tokio::time::Instant::now() + Duration::from_secs(2);
+    while tunnels.iter().any(|t| !t.is_closed()) && tokio::time::Instant::now() < settle {
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+    tracing::info!("shut down");
+}
+
 async fn serve_connection<S>(io: S, state: Arc<State>)
 where
     S: tokio::io::AsyncRead + tokio::io::AsyncWrite + Unpin + Send + 'static,
@@ -417,6 +530,16 @@ async fn route(state: Arc<State>, req: Request<Incoming>) -> Response<Body> {
     let path = req.uri().path().to_string();
     if path == "/healthz" {
         return status::text_response(StatusCode::OK, "ok\n");
+    }
+    if path == "/readyz" {
+        return if state.draining.load(Ordering::Relaxed) {
+            status::text_response(
+                StatusCode::SERVICE_UNAVAILABLE,
+                "not ready: shutting down\n",
+            )
+        } else {
+            status::text_response(StatusCode::OK, "ready\n")
+        };
     }
     if path == "/metrics" {
         return status::text_response(StatusCode::OK, state.metrics.render());
@@ -452,7 +575,6 @@ fn agent(state: Arc<State>, mut req: Request<Incoming>) -> Response<Body> {
         tracing::warn!("agent connection refused: missing or unknown agent token");
         return status_response(401, "Unauthorized: a valid bearer agent token is required");
     };
-    let cluster = cluster.to_string();
     if !client::is_websocket_upgrade(req.headers()) {
         return status_response(400, "the agent endpoint takes a WebSocket upgrade");
     }

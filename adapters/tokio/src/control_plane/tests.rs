@@ -34,12 +34,13 @@ fn config(dir: &std::path::Path, tls: TlsMode) -> ControlPlaneConfig {
         listen: "127.0.0.1:0".parse().unwrap(),
         public_host: None,
         state_dir: dir.to_path_buf(),
-        agent_tokens,
-        user_tokens,
+        agent_tokens: Tokens::fixed(agent_tokens),
+        user_tokens: Tokens::fixed(user_tokens),
         user_token_pairs: vec![("alice".into(), USER_TOKEN.into())],
         tls,
         forwards: Vec::new(),
         wire_mode: crate::wire_mode::WireMode::Auto,
+        shutdown_grace: SHUTDOWN_GRACE,
     }
 }
 
@@ -463,8 +464,29 @@ async fn http_request_streams_the_response_with_impersonation() {
     assert!(response.ends_with("0\r\n\r\n"), "{response:?}");
 }
 
+/// Sends a GET through the control plane and answers it as `agent` (which must be the tunnel it
+/// reaches); returns the response text.
+async fn get_answered_by(addr: SocketAddr, agent: &mut Ws, body: &str) -> String {
+    let client = tokio::spawn(async move {
+        http_raw(
+            TcpStream::connect(addr).await.unwrap(),
+            &get("/clusters/c1/version", Some(USER_TOKEN)),
+        )
+        .await
+    });
+    let req = recv_json(agent).await;
+    assert_eq!(req["type"], "proxy_request", "{req}");
+    let id = req["request_id"].as_str().unwrap().to_string();
+    agent_send(
+        agent,
+        json!({"type": "proxy_response", "request_id": id, "payload": {"status": 200, "headers": {}, "body": b64(body.as_bytes()), "encoding": "base64"}}),
+    )
+    .await;
+    client.await.unwrap()
+}
+
 #[tokio::test]
-async fn a_newer_tunnel_replaces_the_older_and_its_streams_end_with_an_error() {
+async fn a_second_agent_of_a_cluster_takes_new_streams_and_leaves_the_first_ones_alone() {
     let dir = tempfile::tempdir().unwrap();
     let (addr, _stop) = start(dir.path()).await;
     let mut old = agent(addr).await;
@@ -488,7 +510,35 @@ async fn a_newer_tunnel_replaces_the_older_and_its_streams_end_with_an_error() {
     .await;
     let (mut kubectl, _) = kubectl.await.unwrap().unwrap();
 
+    // A second agent with the same token: no eviction, both stay registered.
     let mut new = agent(addr).await;
+    // The exec on the old tunnel still carries data.
+    agent_send(&mut old, data(&stream, 2, b"\x01still here")).await;
+    let got = tokio::time::timeout(Duration::from_secs(5), kubectl.next())
+        .await
+        .expect("the old tunnel's stream went quiet")
+        .unwrap()
+        .unwrap();
+    assert_eq!(got.into_data().as_ref(), b"\x01still here");
+
+    // New requests go to the newest tunnel.
+    let response = get_answered_by(addr, &mut new, "from-new").await;
+    assert!(response.contains("from-new"), "{response}");
+
+    // The new agent drains (as on SIGTERM): new requests go back to the old one.
+    agent_send(
+        &mut new,
+        json!({"type": "heartbeat", "payload": {"cluster_id": "c1", "agent_id": "agent-2", "status": "draining", "tunnel_status": "connected"}}),
+    )
+    .await;
+    assert_eq!(recv_json(&mut new).await["type"], "heartbeat_ack");
+    tokio::time::sleep(Duration::from_millis(50)).await;
+    let response = get_answered_by(addr, &mut old, "from-old").await;
+    assert!(response.contains("from-old"), "{response}");
+
+    // The old one goes away: only its stream ends; the draining one is all the cluster has, so
+    // it gets new requests again (its agent answers them as it can).
+    drop(old);
     let close = loop {
         match tokio::time::timeout(Duration::from_secs(5), kubectl.next())
             .await
@@ -499,39 +549,9 @@ async fn a_newer_tunnel_replaces_the_older_and_its_streams_end_with_an_error() {
             other => panic!("no close frame: {other:?}"),
         }
     };
-    assert_eq!(close.code, CloseCode::Error);
-    assert!(close.reason.contains("replaced"), "{}", close.reason);
-    // The old tunnel is closed; the new one serves.
-    let ended = tokio::time::timeout(Duration::from_secs(5), async {
-        loop {
-            match old.next().await {
-                None | Some(Err(_)) | Some(Ok(WsMessage::Close(_))) => break,
-                Some(Ok(_)) => {}
-            }
-        }
-    })
-    .await;
-    assert!(ended.is_ok(), "the old tunnel stayed open");
-    let client = tokio::spawn(async move {
-        http_raw(
-            TcpStream::connect(addr).await.unwrap(),
-            &get("/clusters/c1/version", Some(USER_TOKEN)),
-        )
-        .await
-    });
-    let req = recv_json(&mut new).await;
-    assert_eq!(req["type"], "proxy_request");
-    let id = req["request_id"].as_str().unwrap().to_string();
-    agent_send(
-        &mut new,
-        json!({"type": "proxy_response", "request_id": id, "payload": {"status": 200, "headers": {}, "body": b64(b"{\"major\":\"1\"}"), "encoding": "base64"}}),
-    )
-    .await;
-    let response = client.await.unwrap();
-    assert!(
-        response.starts_with("HTTP/1.1 200") && response.contains("{\"major\":\"1\"}"),
-        "{response}"
-    );
+    assert!(close.reason.contains("tunnel"), "{}", close.reason);
+    let response = get_answered_by(addr, &mut new, "from-draining").await;
+    assert!(response.contains("from-draining"), "{response}");
 }
 
 fn tls_client(cert_pem: &[u8]) -> tokio_rustls::TlsConnector {
@@ -918,4 +938,19 @@ async fn forward_eof_after_backpressure_loses_nothing() {
     assert_eq!(got.len(), data.len(), "bytes lost before the close");
     assert!(got == data, "bytes reordered");
     let _ = tokio::time::timeout(Duration::from_secs(5), client).await;
+}
+
+#[test]
+fn the_state_directory_is_private_whatever_the_umask() {
+    use std::os::unix::fs::PermissionsExt as _;
+    let dir = tempfile::tempdir().unwrap();
+    let fresh = dir.path().join("a/b");
+    private_dir(&fresh).unwrap();
+    let mode = |p: &std::path::Path| std::fs::metadata(p).unwrap().permissions().mode() & 0o777;
+    assert_eq!(mode(&fresh), 0o700);
+    let open = dir.path().join("open");
+    std::fs::create_dir(&open).unwrap();
+    std::fs::set_permissions(&open, std::fs::Permissions::from_mode(0o777)).unwrap();
+    private_dir(&open).unwrap();
+    assert_eq!(mode(&open), 0o700);
 }

@@ -421,16 +421,19 @@ impl Tunnel {
                         .metrics
                         .agents_connected
                         .fetch_add(1, Ordering::Relaxed);
-                    let old = self.state.registry.insert(
-                        &self.cluster,
-                        self.generation,
-                        self.cmd_tx.clone(),
-                    );
-                    if let Some(old) = old {
-                        tracing::info!(cluster = %self.cluster, "replacing the previous tunnel");
-                        let _ = old.send(Cmd::Replace);
-                    }
+                    self.state
+                        .registry
+                        .insert(&self.cluster, self.generation, self.cmd_tx.clone());
                 }
+            }
+            Event::AgentDraining => {
+                tracing::info!(
+                    cluster = %self.cluster,
+                    "agent draining: new streams go to the cluster's other tunnels"
+                );
+                self.state
+                    .registry
+                    .set_draining(&self.cluster, self.generation);
             }
             Event::SendPing => {
                 let _ = self.out.try_send(WsMessage::Ping(Default::default()));
@@ -653,9 +656,7 @@ impl Tunnel {
                     self.pop_for(&id);
                 }
             }
-            Cmd::Replace => {
-                self.lose_with_close("replaced by a newer connection from the same cluster");
-            }
+            Cmd::End { reason } => self.lose_with_close(reason),
         }
     }
 

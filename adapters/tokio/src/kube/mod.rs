@@ -10,17 +10,18 @@ pub mod headers;
 pub mod kubeconfig;
 pub mod tls;
 
-use std::path::{Path, PathBuf};
+use std::path::Path;
 use std::pin::Pin;
-use std::sync::{Arc, Mutex};
+use std::sync::Arc;
 use std::task::{Context, Poll};
-use std::time::SystemTime;
 
 use tokio::io::{AsyncRead, AsyncWrite, ReadBuf};
 use tokio::net::TcpStream;
 use tokio_rustls::TlsConnector;
 use tokio_rustls::client::TlsStream;
 use tokio_rustls::rustls;
+
+use crate::watched::{Watched, parse_token};
 
 pub use tls::{ClientIdentity, Trust};
 
@@ -44,53 +45,20 @@ impl std::fmt::Debug for Credential {
         match self {
             Self::None => f.write_str("None"),
             Self::Token(_) => f.write_str("Token(<redacted>)"),
-            Self::File(t) => write!(f, "File({})", t.path.display()),
+            Self::File(t) => write!(f, "File({})", t.path().display()),
         }
     }
 }
 
-/// A token file with its last read contents, cached by modification time.
-pub struct TokenFile {
-    path: PathBuf,
-    cache: Mutex<Option<(SystemTime, String)>>,
-}
+/// A token file, re-read when it changes (see [`crate::watched`]).
+pub type TokenFile = Watched<String>;
 
-impl TokenFile {
-    /// Reads `path` once to check it is usable.
-    ///
-    /// # Errors
-    /// One line when the file cannot be read or is empty.
-    pub fn open(path: &Path) -> Result<Self, String> {
-        let f = Self {
-            path: path.to_path_buf(),
-            cache: Mutex::new(None),
-        };
-        f.read().map(|_| f)
-    }
-
-    /// The current token: the cached one unless the file changed since.
-    ///
-    /// # Errors
-    /// One line when the file cannot be read or is empty (the token is never part of it).
-    pub fn read(&self) -> Result<String, String> {
-        let modified = std::fs::metadata(&self.path)
-            .and_then(|m| m.modified())
-            .map_err(|e| format!("cannot read token file {}: {e}", self.path.display()))?;
-        let mut cache = self.cache.lock().unwrap_or_else(|p| p.into_inner());
-        if let Some((at, token)) = cache.as_ref()
-            && *at == modified
-        {
-            return Ok(token.clone());
-        }
-        let text = std::fs::read_to_string(&self.path)
-            .map_err(|e| format!("cannot read token file {}: {e}", self.path.display()))?;
-        let token = text.trim().to_string();
-        if token.is_empty() {
-            return Err(format!("token file {} is empty", self.path.display()));
-        }
-        *cache = Some((modified, token.clone()));
-        Ok(token)
-    }
+/// Opens a token file (one token, white space around it ignored).
+///
+/// # Errors
+/// One line when the file cannot be read or holds no usable token (the token is never part of it).
+pub fn open_token_file(path: &Path) -> Result<TokenFile, String> {
+    Watched::open(path, parse_token)
 }
 
 /// Everything needed to reach one Kubernetes API server.
@@ -240,7 +208,7 @@ impl KubeTarget {
         let ca_path = dir.join("ca.crt");
         let ca = std::fs::read(&ca_path)
             .map_err(|e| format!("cannot read {}: {e}", ca_path.display()))?;
-        let token = TokenFile::open(&dir.join("token"))?;
+        let token = open_token_file(&dir.join("token"))?;
         Self::new(
             &format!("https://{host}:{port}"),
             &Trust::CaPem(ca),
@@ -272,7 +240,7 @@ impl KubeTarget {
         };
         let credential = match (&k.token, &k.token_file) {
             (Some(t), _) => Credential::Token(t.clone()),
-            (None, Some(f)) => Credential::File(Arc::new(TokenFile::open(f)?)),
+            (None, Some(f)) => Credential::File(Arc::new(open_token_file(f)?)),
             (None, None) => Credential::None,
         };
         Self::new(&k.server, &trust, identity.as_ref(), credential)
@@ -296,7 +264,7 @@ impl KubeTarget {
             None => Trust::PublicRoots,
         };
         let credential = match token_file {
-            Some(p) => Credential::File(Arc::new(TokenFile::open(p)?)),
+            Some(p) => Credential::File(Arc::new(open_token_file(p)?)),
             None => Credential::None,
         };
         Self::new(url, &trust, None, credential)
@@ -329,8 +297,8 @@ impl KubeTarget {
         match &self.credential {
             Credential::None => None,
             Credential::Token(t) => Some(t.clone()),
-            Credential::File(f) => match f.read() {
-                Ok(t) => Some(t),
+            Credential::File(f) => match f.get() {
+                Ok(t) => Some((*t).clone()),
                 Err(e) => {
                     tracing::warn!("{e}");
                     None
@@ -366,6 +334,8 @@ impl KubeTarget {
 #[cfg(test)]
 mod tests {
     use super::*;
+    use std::path::PathBuf;
+    use std::time::SystemTime;
 
     #[test]
     fn base_urls() {
@@ -391,8 +361,8 @@ mod tests {
         let dir = tempdir();
         let path = dir.join("token");
         std::fs::write(&path, "first\n").unwrap();
-        let f = TokenFile::open(&path).unwrap();
-        assert_eq!(f.read().unwrap(), "first");
+        let f = open_token_file(&path).unwrap();
+        assert_eq!(*f.get().unwrap(), "first");
         // Rotate: new contents and a different modification time.
         std::fs::write(&path, "second").unwrap();
         let later = SystemTime::now() + std::time::Duration::from_secs(5);
@@ -402,7 +372,8 @@ mod tests {
             .unwrap()
             .set_modified(later)
             .unwrap();
-        assert_eq!(f.read().unwrap(), "second");
+        assert_eq!(*f.get().unwrap(), "second");
+        // Emptied (a rotation caught half-way): the last good token stays in use.
         std::fs::write(&path, "").unwrap();
         std::fs::File::options()
             .write(true)
@@ -410,7 +381,7 @@ mod tests {
             .unwrap()
             .set_modified(later + std::time::Duration::from_secs(5))
             .unwrap();
-        assert!(f.read().unwrap_err().contains("is empty"));
+        assert_eq!(*f.get().unwrap(), "second");
         let _ = std::fs::remove_dir_all(dir);
     }
 
