@@ -6,6 +6,7 @@
 //!              [--ca-file F | --insecure-skip-tls-verify]
 //!              [--kubeconfig F | --kube-url URL [--kube-token-file F] [--kube-ca-file F]]
 //!              [--metrics-listen ADDR] [--wire-mode auto|compat] [--shutdown-grace SECONDS]
+//!              [--proxy URL] (HTTPS_PROXY / HTTP_PROXY / NO_PROXY honoured)
 //!              [--log-format json|text]
 //! ```
 //!
@@ -21,6 +22,7 @@ use tether_tokio::wire_mode::WireMode;
 use clap::{Parser, ValueEnum};
 use std::sync::Arc;
 use std::time::Duration;
+use tether_tokio::agent::proxy::Proxy;
 use tether_tokio::agent::{Agent, AgentConfig, TunnelTarget, TunnelToken};
 use tether_tokio::kube::{KubeTarget, Trust, open_token_file};
 
@@ -59,6 +61,11 @@ struct Cli {
     /// token is used from the next connection on without a restart.
     #[arg(long, env = "TETHER_TOKEN_FILE", value_name = "F")]
     token_file: Option<PathBuf>,
+
+    /// HTTP proxy for the tunnel (`http://[user:pass@]HOST:PORT`, HTTP CONNECT). Default:
+    /// HTTPS_PROXY (or HTTP_PROXY for an http control plane) unless NO_PROXY names its host.
+    #[arg(long, env = "TETHER_PROXY", value_name = "URL", hide_env_values = true)]
+    proxy: Option<String>,
 
     /// Seconds live streams may go on after SIGTERM before they are closed.
     #[arg(
@@ -178,6 +185,8 @@ fn build(cli: &Cli) -> Result<AgentConfig, String> {
         (None, None) => return Err("one of --token or --token-file is required".into()),
     };
     let tunnel = TunnelTarget::new(&cli.control_plane, &trust, token)?;
+    let proxy = Proxy::for_target(cli.proxy.as_deref(), !tunnel.is_plaintext(), tunnel.host())?;
+    let tunnel = tunnel.with_proxy(proxy);
     let kube = if let Some(k) = &cli.kubeconfig {
         KubeTarget::from_kubeconfig(k)?
     } else if let Some(url) = &cli.kube_url {

@@ -393,8 +393,31 @@ impl Cluster {
         }
         self.agent_starts += 1;
         let log = self.root.join(format!("agent-{}.log", self.agent_starts));
+        let cmd = self.agent_command(url, token, ca, extra);
+        self.agent = Some(Proc::spawn("tether-agent", cmd, &log));
+    }
+
+    /// A further agent of this cluster (same token, `extra` appended), beside the one
+    /// [`Cluster::agent`] holds: for replicas and rolling updates. Its log is `NAME.log`.
+    pub fn spawn_extra_agent(&self, name: &str, extra: &[&str]) -> Proc {
+        let addr = self.cp_addr.expect("a control plane");
+        let cmd = self.agent_command(
+            &format!("https://{addr}"),
+            &self.agent_token,
+            Some(&self.cp_ca_file),
+            extra,
+        );
+        Proc::spawn(name, cmd, &self.root.join(format!("{name}.log")))
+    }
+
+    /// The command line of an agent dialling `url`: `--token token` unless `extra` has
+    /// `--token-file`, `--ca-file ca` when given, kubesim as its API, then `extra`.
+    fn agent_command(&self, url: &str, token: &str, ca: Option<&Path>, extra: &[&str]) -> Command {
         let mut cmd = clean_command(&self.bins.agent);
-        cmd.args(["--control-plane", url, "--token", token]);
+        cmd.args(["--control-plane", url]);
+        if !extra.contains(&"--token-file") {
+            cmd.args(["--token", token]);
+        }
         if let Some(ca) = ca {
             cmd.arg("--ca-file").arg(ca);
         }
@@ -404,7 +427,7 @@ impl Cluster {
         cmd.arg("--kube-ca-file").arg(&self.kubesim_tls.ca_path);
         cmd.args(extra);
         cmd.envs(self.extra.agent_env.iter().map(|(k, v)| (k, v)));
-        self.agent = Some(Proc::spawn("tether-agent", cmd, &log));
+        cmd
     }
 
     /// SIGKILLs the agent (its log is kept for failure output).
@@ -438,6 +461,17 @@ impl Cluster {
             }
             std::thread::sleep(Duration::from_millis(50));
         }
+    }
+
+    /// A raw `GET` of `path` on the control plane itself (not below `/clusters/…`) with `token`.
+    pub fn control_plane_get(&self, path: &str, token: &str) -> Result<https::Response, String> {
+        let addr = self.cp_addr.expect("a control plane");
+        https::get(
+            &format!("https://{addr}{path}"),
+            &self.cp_ca_pem,
+            token,
+            Duration::from_secs(10),
+        )
     }
 
     /// A raw `GET` through the control plane (`path` is appended to the kubeconfig's server).

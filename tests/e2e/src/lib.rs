@@ -8,11 +8,13 @@
 //! * [`kubectl`]: runs the real kubectl (`/usr/bin/kubectl`, v1.32) and collects its results.
 //! * [`scripted`]: a scripted control plane (WebSocket server, TLS or plain) for driving the
 //!   agent message by message.
+//! * [`connect_proxy`]: an HTTP CONNECT proxy for the agent's proxy tests.
 //! * [`data`]: deterministic payloads and checksums; [`https`]: a tiny HTTPS client;
 //!   [`tls`]: throwaway certificates; [`proc`]: child processes with log files.
 
 pub mod bins;
 pub mod cluster;
+pub mod connect_proxy;
 pub mod data;
 pub mod https;
 pub mod kubectl;

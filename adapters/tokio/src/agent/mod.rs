@@ -20,6 +20,7 @@
 
 mod http;
 pub mod metrics;
+pub mod proxy;
 mod session;
 pub mod tunnel;
 mod upstream;
@@ -260,7 +261,17 @@ impl Agent {
         let max_inbound = relay.config().max_message.saturating_mul(2);
         let mut backoff = config.backoff.clone();
         let mut unauthorized_logged = false;
-        info!(url = config.tunnel.url(), kube = %config.kube.base_url(), "tether agent starting");
+        match config.tunnel.proxy() {
+            Some(proxy) => info!(
+                url = config.tunnel.url(),
+                kube = %config.kube.base_url(),
+                %proxy,
+                "tether agent starting (through an HTTP proxy)"
+            ),
+            None => {
+                info!(url = config.tunnel.url(), kube = %config.kube.base_url(), "tether agent starting")
+            }
+        }
         loop {
             let dialled = tokio::select! {
                 dialled = config.tunnel.dial(max_inbound) => dialled,

@@ -12,6 +12,7 @@ use tokio_tungstenite::tungstenite::client::IntoClientRequest as _;
 use tokio_tungstenite::tungstenite::http::HeaderValue;
 use tokio_tungstenite::tungstenite::protocol::WebSocketConfig;
 
+use super::proxy::Proxy;
 use crate::kube::{KubeStream, TokenFile, Trust, tls};
 
 /// The path the control plane serves agents on (used when the URL has no path).
@@ -57,6 +58,7 @@ pub struct TunnelTarget {
     host: String,
     port: u16,
     token: TunnelToken,
+    proxy: Option<Proxy>,
 }
 
 impl std::fmt::Debug for TunnelTarget {
@@ -149,7 +151,27 @@ impl TunnelTarget {
             host,
             port,
             token,
+            proxy: None,
         })
+    }
+
+    /// Dials through `proxy` (HTTP `CONNECT`), or directly with `None`.
+    #[must_use]
+    pub fn with_proxy(mut self, proxy: Option<Proxy>) -> Self {
+        self.proxy = proxy;
+        self
+    }
+
+    /// The proxy dials go through, if any.
+    #[must_use]
+    pub fn proxy(&self) -> Option<&Proxy> {
+        self.proxy.as_ref()
+    }
+
+    /// The control plane's host (for choosing a proxy: see [`Proxy::for_target`]).
+    #[must_use]
+    pub fn host(&self) -> &str {
+        &self.host
     }
 
     /// The WebSocket URL dialled.
@@ -181,9 +203,15 @@ impl TunnelTarget {
 
     async fn dial_inner(&self, max_message: usize) -> Result<TunnelSocket, DialError> {
         let host = self.host.trim_start_matches('[').trim_end_matches(']');
-        let tcp = TcpStream::connect((host, self.port))
-            .await
-            .map_err(|e| DialError::Failed(format!("cannot connect to {}: {e}", self.url)))?;
+        let tcp = match &self.proxy {
+            Some(proxy) => proxy
+                .connect(host, self.port, HANDSHAKE_TIMEOUT)
+                .await
+                .map_err(DialError::Failed)?,
+            None => TcpStream::connect((host, self.port))
+                .await
+                .map_err(|e| DialError::Failed(format!("cannot connect to {}: {e}", self.url)))?,
+        };
         crate::socket::tune_tunnel(&tcp);
         let stream = match &self.tls {
             None => KubeStream::Plain(tcp),
