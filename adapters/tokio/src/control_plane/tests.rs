@@ -954,3 +954,92 @@ fn the_state_directory_is_private_whatever_the_umask() {
     private_dir(&open).unwrap();
     assert_eq!(mode(&open), 0o700);
 }
+
+#[tokio::test]
+async fn shutdown_lets_a_live_stream_run_its_grace_then_ends_it_and_the_tunnel() {
+    let dir = tempfile::tempdir().unwrap();
+    let cp = ControlPlane::bind(ControlPlaneConfig {
+        shutdown_grace: Duration::from_millis(1500),
+        ..config(dir.path(), TlsMode::InsecureHttp)
+    })
+    .await
+    .unwrap();
+    let addr = cp.local_addr().unwrap();
+    let (stop, stopped) = tokio::sync::oneshot::channel::<()>();
+    let served = tokio::spawn(cp.run(async move {
+        let _ = stopped.await;
+    }));
+    let mut agent = agent(addr).await;
+    let kubectl = tokio::spawn(async move {
+        ws_connect(
+            addr,
+            EXEC_PATH,
+            &[
+                ("Authorization", &format!("Bearer {USER_TOKEN}")),
+                ("Sec-WebSocket-Protocol", "v5.channel.k8s.io"),
+            ],
+        )
+        .await
+    });
+    let start = recv_json(&mut agent).await;
+    let stream = start["payload"]["stream_id"].as_str().unwrap().to_string();
+    agent_send(
+        &mut agent,
+        json!({"type": "proxy_websocket_started", "request_id": stream, "payload": {"stream_id": stream, "protocol": "v5.channel.k8s.io"}}),
+    )
+    .await;
+    let (mut kubectl, _) = kubectl.await.unwrap().unwrap();
+    let ready = http_raw(
+        TcpStream::connect(addr).await.unwrap(),
+        &get("/readyz", None),
+    )
+    .await;
+    assert!(ready.starts_with("HTTP/1.1 200"), "{ready}");
+
+    let asked = Instant::now();
+    stop.send(()).unwrap();
+    tokio::time::sleep(Duration::from_millis(200)).await;
+    // Nothing new is accepted...
+    assert!(TcpStream::connect(addr).await.is_err(), "still accepting");
+    // ...but the live stream still carries data during the grace period.
+    agent_send(&mut agent, data(&stream, 2, b"\x01during grace")).await;
+    let got = tokio::time::timeout(Duration::from_secs(2), kubectl.next())
+        .await
+        .expect("the live stream stopped at the shutdown signal")
+        .unwrap()
+        .unwrap();
+    assert_eq!(got.into_data().as_ref(), b"\x01during grace");
+
+    // Past the grace, the stream ends with the reason and the tunnel with 1001.
+    let close = loop {
+        match tokio::time::timeout(Duration::from_secs(5), kubectl.next())
+            .await
+            .unwrap()
+        {
+            Some(Ok(WsMessage::Close(frame))) => break frame.unwrap(),
+            Some(Ok(_)) => {}
+            other => panic!("no close frame: {other:?}"),
+        }
+    };
+    assert!(
+        asked.elapsed() >= Duration::from_millis(1400),
+        "closed before the grace ran out"
+    );
+    assert!(close.reason.contains("shutting down"), "{}", close.reason);
+    let tunnel_close = loop {
+        match tokio::time::timeout(Duration::from_secs(5), agent.next())
+            .await
+            .unwrap()
+        {
+            Some(Ok(WsMessage::Close(frame))) => break frame.unwrap(),
+            Some(Ok(_)) => {}
+            other => panic!("the tunnel did not close cleanly: {other:?}"),
+        }
+    };
+    assert_eq!(tunnel_close.code, CloseCode::Away);
+    tokio::time::timeout(Duration::from_secs(5), served)
+        .await
+        .expect("run did not return after the drain")
+        .unwrap()
+        .unwrap();
+}
