@@ -160,12 +160,6 @@ impl Tokens {
     pub fn is_empty(&self) -> bool {
         self.fixed.is_empty() && self.file.is_none()
     }
-
-    /// The token file's current table, if there is a file.
-    #[must_use]
-    pub fn file_table(&self) -> Option<Arc<TokenTable>> {
-        self.file.as_ref().and_then(|f| f.get().ok())
-    }
 }
 
 fn digest(token: &str) -> [u8; 32] {

@@ -464,6 +464,21 @@ async fn http_request_streams_the_response_with_impersonation() {
     assert!(response.ends_with("0\r\n\r\n"), "{response:?}");
 }
 
+/// The close frame `ws` receives next (other messages skipped); panics after 5 s or on anything
+/// but a clean close.
+async fn next_close(ws: &mut Ws) -> tokio_tungstenite::tungstenite::protocol::CloseFrame {
+    loop {
+        match tokio::time::timeout(Duration::from_secs(5), ws.next())
+            .await
+            .expect("no close frame within 5 s")
+        {
+            Some(Ok(WsMessage::Close(frame))) => return frame.expect("a close frame with a code"),
+            Some(Ok(_)) => {}
+            other => panic!("no close frame: {other:?}"),
+        }
+    }
+}
+
 /// Sends a GET through the control plane and answers it as `agent` (which must be the tunnel it
 /// reaches); returns the response text.
 async fn get_answered_by(addr: SocketAddr, agent: &mut Ws, body: &str) -> String {
@@ -490,25 +505,7 @@ async fn a_second_agent_of_a_cluster_takes_new_streams_and_leaves_the_first_ones
     let dir = tempfile::tempdir().unwrap();
     let (addr, _stop) = start(dir.path()).await;
     let mut old = agent(addr).await;
-    let kubectl = tokio::spawn(async move {
-        ws_connect(
-            addr,
-            EXEC_PATH,
-            &[
-                ("Authorization", &format!("Bearer {USER_TOKEN}")),
-                ("Sec-WebSocket-Protocol", "v5.channel.k8s.io"),
-            ],
-        )
-        .await
-    });
-    let start = recv_json(&mut old).await;
-    let stream = start["payload"]["stream_id"].as_str().unwrap().to_string();
-    agent_send(
-        &mut old,
-        json!({"type": "proxy_websocket_started", "request_id": stream, "payload": {"stream_id": stream, "protocol": "v5.channel.k8s.io"}}),
-    )
-    .await;
-    let (mut kubectl, _) = kubectl.await.unwrap().unwrap();
+    let (mut kubectl, stream) = open_exec(addr, &mut old).await;
 
     // A second agent with the same token: no eviction, both stay registered.
     let mut new = agent(addr).await;
@@ -539,16 +536,7 @@ async fn a_second_agent_of_a_cluster_takes_new_streams_and_leaves_the_first_ones
     // The old one goes away: only its stream ends; the draining one is all the cluster has, so
     // it gets new requests again (its agent answers them as it can).
     drop(old);
-    let close = loop {
-        match tokio::time::timeout(Duration::from_secs(5), kubectl.next())
-            .await
-            .unwrap()
-        {
-            Some(Ok(WsMessage::Close(frame))) => break frame.unwrap(),
-            Some(Ok(_)) => {}
-            other => panic!("no close frame: {other:?}"),
-        }
-    };
+    let close = next_close(&mut kubectl).await;
     assert!(close.reason.contains("tunnel"), "{}", close.reason);
     let response = get_answered_by(addr, &mut new, "from-draining").await;
     assert!(response.contains("from-draining"), "{response}");
@@ -970,25 +958,7 @@ async fn shutdown_lets_a_live_stream_run_its_grace_then_ends_it_and_the_tunnel()
         let _ = stopped.await;
     }));
     let mut agent = agent(addr).await;
-    let kubectl = tokio::spawn(async move {
-        ws_connect(
-            addr,
-            EXEC_PATH,
-            &[
-                ("Authorization", &format!("Bearer {USER_TOKEN}")),
-                ("Sec-WebSocket-Protocol", "v5.channel.k8s.io"),
-            ],
-        )
-        .await
-    });
-    let start = recv_json(&mut agent).await;
-    let stream = start["payload"]["stream_id"].as_str().unwrap().to_string();
-    agent_send(
-        &mut agent,
-        json!({"type": "proxy_websocket_started", "request_id": stream, "payload": {"stream_id": stream, "protocol": "v5.channel.k8s.io"}}),
-    )
-    .await;
-    let (mut kubectl, _) = kubectl.await.unwrap().unwrap();
+    let (mut kubectl, stream) = open_exec(addr, &mut agent).await;
     let ready = http_raw(
         TcpStream::connect(addr).await.unwrap(),
         &get("/readyz", None),
@@ -1011,31 +981,13 @@ async fn shutdown_lets_a_live_stream_run_its_grace_then_ends_it_and_the_tunnel()
     assert_eq!(got.into_data().as_ref(), b"\x01during grace");
 
     // Past the grace, the stream ends with the reason and the tunnel with 1001.
-    let close = loop {
-        match tokio::time::timeout(Duration::from_secs(5), kubectl.next())
-            .await
-            .unwrap()
-        {
-            Some(Ok(WsMessage::Close(frame))) => break frame.unwrap(),
-            Some(Ok(_)) => {}
-            other => panic!("no close frame: {other:?}"),
-        }
-    };
+    let close = next_close(&mut kubectl).await;
     assert!(
         asked.elapsed() >= Duration::from_millis(1400),
         "closed before the grace ran out"
     );
     assert!(close.reason.contains("shutting down"), "{}", close.reason);
-    let tunnel_close = loop {
-        match tokio::time::timeout(Duration::from_secs(5), agent.next())
-            .await
-            .unwrap()
-        {
-            Some(Ok(WsMessage::Close(frame))) => break frame.unwrap(),
-            Some(Ok(_)) => {}
-            other => panic!("the tunnel did not close cleanly: {other:?}"),
-        }
-    };
+    let tunnel_close = next_close(&mut agent).await;
     assert_eq!(tunnel_close.code, CloseCode::Away);
     tokio::time::timeout(Duration::from_secs(5), served)
         .await
