@@ -241,6 +241,7 @@ impl<const RING: usize> Pair<RING> {
             query: "command=sh&stdin=true&stdout=true",
             headers: &(),
             protocols: PROTOCOL,
+            upgrade: None,
             user: Some("alice"),
         };
         self.gw

@@ -5,6 +5,7 @@
 
 pub mod backoff;
 pub mod buf;
+pub mod byte_pipe;
 pub mod socket;
 pub mod token;
 pub mod watched;

@@ -153,6 +153,9 @@ pub enum OpenError {
     Encode(EncodeError),
     /// A TCP stream's host is not a valid dial target or its port is 0.
     TcpTarget,
+    /// A raw upgrade (e.g. SPDY) on a tunnel whose agent did not offer
+    /// [`Extensions::raw_upgrade`](crate::wire::Extensions::raw_upgrade) (a PipeOps agent).
+    UpgradeUnsupported,
 }
 
 impl fmt::Display for OpenError {
@@ -168,6 +171,9 @@ impl fmt::Display for OpenError {
             Self::PayloadRefused { len } => write!(f, "request of {len} bytes refused"),
             Self::Encode(e) => fmt::Display::fmt(e, f),
             Self::TcpTarget => f.write_str("invalid tcp target (host or port)"),
+            Self::UpgradeUnsupported => {
+                f.write_str("this agent cannot carry raw (non-WebSocket) upgrades")
+            }
         }
     }
 }

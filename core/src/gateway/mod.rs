@@ -146,8 +146,15 @@ pub struct StreamRequest<'a> {
     pub query: &'a str,
     /// The client's request headers; filtered with [`is_forwarded`], names and values validated.
     pub headers: &'a dyn HeaderList,
-    /// Subprotocols the client offered, comma separated (its `Sec-WebSocket-Protocol`); may be empty.
+    /// Subprotocols the client offered, comma separated (its `Sec-WebSocket-Protocol`); may be
+    /// empty. For a raw upgrade: its `X-Stream-Protocol-Version`s.
     pub protocols: &'a str,
+    /// A raw (non-WebSocket) HTTP/1.1 upgrade such as SPDY/3.1: `(method, Upgrade token)`,
+    /// checked with [`validate_upgrade`](crate::relay::validate_upgrade). Only on a tunnel whose
+    /// agent offered [`Extensions::raw_upgrade`]. [`Event::Started`] then carries the upstream's
+    /// chosen protocol; after it the stream's messages are binary and their boundaries mean
+    /// nothing.
+    pub upgrade: Option<(&'a str, &'a str)>,
     /// Authenticated user, sent as `Impersonate-User`; `None` sends no impersonation (every
     /// client-sent `Impersonate-*` is dropped either way).
     pub user: Option<&'a str>,
@@ -343,6 +350,12 @@ impl<M: PayloadBuf, const STREAMS: usize, const RING: usize> Gateway<M, STREAMS,
         if !req.protocols.is_empty() {
             validate_subprotocol_list(req.protocols.chars())?;
         }
+        if let Some((method, token)) = req.upgrade {
+            if !self.session.extensions.raw_upgrade {
+                return Err(OpenError::UpgradeUnsupported);
+            }
+            crate::relay::validate_upgrade(method, token)?;
+        }
         let headers = Forwarded {
             inner: req.headers,
             user: req.user,
@@ -354,6 +367,8 @@ impl<M: PayloadBuf, const STREAMS: usize, const RING: usize> Gateway<M, STREAMS,
             query: WireStr::Plain(req.query),
             headers: &headers,
             protocol: (!req.protocols.is_empty()).then_some(WireStr::Plain(req.protocols)),
+            method: req.upgrade.map(|(m, _)| WireStr::Plain(m)),
+            upgrade: req.upgrade.map(|(_, t)| WireStr::Plain(t)),
         };
         let native = self.session.extensions.native;
         let (start, wire) = if native {
@@ -675,13 +690,7 @@ impl<M: PayloadBuf, const STREAMS: usize, const RING: usize> Gateway<M, STREAMS,
                 let ours = self.config.extensions;
                 let s = &mut self.session;
                 s.agent_id = agent_id.map(|a| truncated(a.chars())).unwrap_or_default();
-                s.extensions = Extensions {
-                    websocket_started: ours.websocket_started && extensions.websocket_started,
-                    websocket_close_code: ours.websocket_close_code
-                        && extensions.websocket_close_code,
-                    proxy_error_status: ours.proxy_error_status && extensions.proxy_error_status,
-                    native: ours.native && extensions.native,
-                };
+                s.extensions = ours.common(extensions);
                 let request_id = reply_id(env.request_id);
                 info!(
                     "agent {} registering as cluster {}",

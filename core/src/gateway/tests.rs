@@ -95,7 +95,7 @@ fn b64(raw: &[u8]) -> String {
 
 fn register_json(extensions: bool) -> String {
     let ext = if extensions {
-        r#","extensions":{"websocket_started":true,"websocket_close_code":true,"proxy_error_status":true}"#
+        r#","extensions":{"websocket_started":true,"websocket_close_code":true,"proxy_error_status":true,"raw_upgrade":true}"#
     } else {
         ""
     };
@@ -246,6 +246,7 @@ impl Harness {
             query: "command=sh&stdin=true&stdout=true",
             headers: &KUBECTL_HEADERS,
             protocols: "v5.channel.k8s.io",
+            upgrade: None,
             user: Some("alice"),
         };
         let r = self
@@ -340,7 +341,7 @@ fn golden_register_success_advertises_extensions() {
     assert_eq!(
         h.sent[0].raw,
         format!(
-            r#"{{"type":"register_success","request_id":"req_1_a1","payload":{{"cluster_id":"c1","extensions":{{"websocket_started":true,"websocket_close_code":true,"proxy_error_status":true,"native_frames":true}}}},"timestamp":"{STAMP}"}}"#
+            r#"{{"type":"register_success","request_id":"req_1_a1","payload":{{"cluster_id":"c1","extensions":{{"websocket_started":true,"websocket_close_code":true,"proxy_error_status":true,"native_frames":true,"raw_upgrade":true}}}},"timestamp":"{STAMP}"}}"#
         )
     );
     // The test agent offers the compat extensions only.
@@ -369,6 +370,77 @@ fn golden_websocket_start_filters_headers_and_impersonates() {
             r#"{{"type":"proxy_websocket_start","request_id":"s1","payload":{{"stream_id":"s1","method":"GET","path":"{EXEC}","query":"command=sh&stdin=true&stdout=true","headers":{{"User-Agent":["kubectl/v1.32.4"],"Kubectl-Command":["kubectl exec"],"Impersonate-User":["alice"]}},"protocol":"v5.channel.k8s.io"}},"timestamp":"{STAMP}"}}"#
         )
     );
+}
+
+#[test]
+fn golden_raw_upgrade_start_carries_method_token_and_protocols() {
+    let mut h = Harness::registered(true);
+    let spdy = StreamRequest {
+        id: "s1",
+        path: EXEC,
+        query: "command=sh&stdin=true&stdout=true",
+        headers: &KUBECTL_HEADERS,
+        protocols: "v4.channel.k8s.io, v3.channel.k8s.io",
+        upgrade: Some(("POST", "SPDY/3.1")),
+        user: Some("alice"),
+    };
+    h.gw.open_stream(h.now, EPOCH, &spdy, &mut h.scratch)
+        .unwrap();
+    h.drive();
+    let sent = h.take_sent();
+    assert_eq!(
+        sent[0].raw,
+        format!(
+            r#"{{"type":"proxy_websocket_start","request_id":"s1","payload":{{"stream_id":"s1","method":"POST","path":"{EXEC}","query":"command=sh&stdin=true&stdout=true","headers":{{"User-Agent":["kubectl/v1.32.4"],"Kubectl-Command":["kubectl exec"],"Impersonate-User":["alice"]}},"protocol":"v4.channel.k8s.io, v3.channel.k8s.io","upgrade":"SPDY/3.1"}},"timestamp":"{STAMP}"}}"#
+        )
+    );
+    // The agent's 101 names the chosen X-Stream-Protocol-Version.
+    h.feed(
+        r#"{"type":"proxy_websocket_started","payload":{"stream_id":"s1","protocol":"v4.channel.k8s.io"}}"#,
+    )
+    .unwrap();
+    h.drive();
+    assert!(h.events.contains(&Event::Started {
+        stream: sid("s1"),
+        subprotocol: s("v4.channel.k8s.io"),
+    }));
+    // WebSocket is not a raw upgrade; neither is a method other than GET or POST.
+    for upgrade in [
+        ("GET", "websocket"),
+        ("PUT", "SPDY/3.1"),
+        ("POST", "SPDY 3.1"),
+    ] {
+        let bad = StreamRequest {
+            id: "s2",
+            upgrade: Some(upgrade),
+            ..spdy
+        };
+        assert_eq!(
+            h.gw.open_stream(h.now, EPOCH, &bad, &mut h.scratch),
+            Err(OpenError::Request(RequestError::Upgrade)),
+            "{upgrade:?}"
+        );
+    }
+}
+
+#[test]
+fn raw_upgrade_is_refused_on_a_pipeops_tunnel() {
+    let mut h = Harness::registered(false);
+    let spdy = StreamRequest {
+        id: "s1",
+        path: EXEC,
+        query: "command=sh",
+        headers: &KUBECTL_HEADERS,
+        protocols: "v4.channel.k8s.io",
+        upgrade: Some(("POST", "SPDY/3.1")),
+        user: Some("alice"),
+    };
+    assert_eq!(
+        h.gw.open_stream(h.now, EPOCH, &spdy, &mut h.scratch),
+        Err(OpenError::UpgradeUnsupported)
+    );
+    h.drive();
+    assert!(h.take_sent().is_empty());
 }
 
 #[test]
@@ -512,6 +584,7 @@ fn pipeops_agent_starts_optimistically_and_never_reports_false_success() {
         query: "",
         headers: &(),
         protocols: "v5.channel.k8s.io, v4.channel.k8s.io",
+        upgrade: None,
         user: None,
     };
     h.gw.open_stream(h.now, EPOCH, &req, &mut h.scratch)
@@ -584,6 +657,7 @@ fn client_gone_before_start_sent_tells_the_agent_nothing() {
         query: "",
         headers: &(),
         protocols: "",
+        upgrade: None,
         user: Some("alice"),
     };
     h.gw.open_stream(h.now, EPOCH, &req, &mut h.scratch)
@@ -831,6 +905,7 @@ fn open_errors() {
         query: "",
         headers: &(),
         protocols: "",
+        upgrade: None,
         user: None,
     };
     assert_eq!(
@@ -843,6 +918,7 @@ fn open_errors() {
         query: "",
         headers: &[("X-Evil", "a\r\nHost: x")],
         protocols: "",
+        upgrade: None,
         user: None,
     };
     assert_eq!(
@@ -1097,6 +1173,7 @@ mod pair {
             query: "command=sh&stdin=true&stdout=true",
             headers: &KUBECTL_HEADERS,
             protocols: "v5.channel.k8s.io",
+            upgrade: None,
             user: Some("alice"),
         };
         p.gw.open_stream(p.now, EPOCH, &req, &mut p.scratch)
@@ -1182,6 +1259,7 @@ mod pair {
             query: "",
             headers: &(),
             protocols: "v5.channel.k8s.io",
+            upgrade: None,
             user: Some("alice"),
         };
         p.gw.open_stream(p.now, EPOCH, &req("s1"), &mut p.scratch)

@@ -113,7 +113,7 @@ pub use session::SessionInfo;
 pub use tcp::{MAX_TCP_HOST, TcpCloseReason, TcpTunnelRequest};
 pub use validate::{
     RequestError, validate_header_name, validate_header_value, validate_path, validate_query,
-    validate_subprotocol, validate_subprotocol_list,
+    validate_subprotocol, validate_subprotocol_list, validate_upgrade,
 };
 
 use event::truncated;
@@ -173,9 +173,26 @@ pub struct StartRequest<'a> {
     /// Headers to forward, each name and value validated (no CR, LF, NUL).
     pub headers: Headers<'a>,
     /// Offered subprotocols from the `protocol` field, comma separated, validated. More may be
-    /// offered in the `Sec-WebSocket-Protocol` header (also validated).
+    /// offered in the `Sec-WebSocket-Protocol` header (also validated). For a raw upgrade: the
+    /// `X-Stream-Protocol-Version`s to offer.
     pub protocol: Option<JsonStr<'a>>,
+    /// A raw (non-WebSocket) upgrade, validated by [`validate_upgrade`]: dial with this method
+    /// and `Upgrade` token, report the upstream's 101 with its chosen protocol, then move bytes
+    /// (as binary messages whose boundaries mean nothing). `None` for a WebSocket.
+    pub upgrade: Option<RawUpgrade>,
 }
+
+/// The method and `Upgrade` token of a raw upgrade (see [`StartRequest::upgrade`]).
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct RawUpgrade {
+    /// `GET` or `POST`.
+    pub method: heapless::String<8>,
+    /// The `Upgrade` token, e.g. `SPDY/3.1`.
+    pub token: heapless::String<MAX_UPGRADE_TOKEN>,
+}
+
+/// Longest `Upgrade` token a raw upgrade may name.
+pub const MAX_UPGRADE_TOKEN: usize = 32;
 
 /// What [`Relay::handle_tunnel_message`] did with a message.
 // Borrowed views returned by value, consumed at once; no allocator to box the large variant.
@@ -502,12 +519,7 @@ impl<M: PayloadBuf, const STREAMS: usize, const RING: usize> Relay<M, STREAMS, R
                 s.registered = true;
                 s.cluster_id = truncated(ok.cluster_id.chars());
                 let (ours, theirs) = (self.config.extensions, ok.extensions);
-                s.extensions = Extensions {
-                    websocket_started: ours.websocket_started && theirs.websocket_started,
-                    websocket_close_code: ours.websocket_close_code && theirs.websocket_close_code,
-                    proxy_error_status: ours.proxy_error_status && theirs.proxy_error_status,
-                    native: ours.native && theirs.native,
-                };
+                s.extensions = ours.common(theirs);
                 s.owe_registered = true;
                 s.next_heartbeat = Some(now + self.config.heartbeat_interval);
                 info!("registered as cluster {}", s.cluster_id.as_str());
@@ -533,6 +545,8 @@ impl<M: PayloadBuf, const STREAMS: usize, const RING: usize> Relay<M, STREAMS, R
             query: start.query,
             headers: start.headers,
             protocol: start.protocol,
+            method: start.method,
+            upgrade: start.upgrade,
         };
         self.open_stream(now, id, request).map(Handled::Start)
     }
@@ -568,6 +582,8 @@ impl<M: PayloadBuf, const STREAMS: usize, const RING: usize> Relay<M, STREAMS, R
             query: (!query.is_empty()).then_some(query),
             headers,
             protocol,
+            method: None,
+            upgrade: None,
         };
         self.open_stream(now, stream.clone(), request)
     }
@@ -580,8 +596,8 @@ impl<M: PayloadBuf, const STREAMS: usize, const RING: usize> Relay<M, STREAMS, R
         id: StreamId,
         start: StartFields<'a>,
     ) -> Result<StartRequest<'a>, TunnelError> {
-        let path = match check_start(&start) {
-            Ok(path) => path,
+        let (path, upgrade) = match check_start(&start, self.config.extensions.raw_upgrade) {
+            Ok(checked) => checked,
             Err(e) => return Err(self.reject_stream(&id, e)),
         };
         let data = StreamData::new(self.config.ring_bytes, now + self.config.dial_timeout);
@@ -603,6 +619,7 @@ impl<M: PayloadBuf, const STREAMS: usize, const RING: usize> Relay<M, STREAMS, R
             query: start.query.unwrap_or(JsonStr::EMPTY),
             headers: start.headers,
             protocol: start.protocol,
+            upgrade,
         })
     }
 
@@ -1632,10 +1649,16 @@ struct StartFields<'a> {
     query: Option<JsonStr<'a>>,
     headers: Headers<'a>,
     protocol: Option<JsonStr<'a>>,
+    method: Option<JsonStr<'a>>,
+    upgrade: Option<JsonStr<'a>>,
 }
 
-/// Validates everything a start asks to dial; returns the path.
-fn check_start<'a>(start: &StartFields<'a>) -> Result<JsonStr<'a>, TunnelError> {
+/// Validates everything a start asks to dial; returns the path and, for a raw upgrade (only
+/// when `raw_upgrade` is offered), its method and token.
+fn check_start<'a>(
+    start: &StartFields<'a>,
+    raw_upgrade: bool,
+) -> Result<(JsonStr<'a>, Option<RawUpgrade>), TunnelError> {
     let path = start
         .path
         .ok_or(TunnelError::Decode(crate::wire::DecodeError::MissingField(
@@ -1658,7 +1681,35 @@ fn check_start<'a>(start: &StartFields<'a>) -> Result<JsonStr<'a>, TunnelError> 
     if let Some(protocol) = start.protocol {
         validate_subprotocol_list(protocol.chars())?;
     }
-    Ok(path)
+    let upgrade = match start.upgrade {
+        None => None,
+        Some(_) if !raw_upgrade => return Err(RequestError::Upgrade.into()),
+        Some(token) => Some(raw_upgrade_of(start.method, token)?),
+    };
+    Ok((path, upgrade))
+}
+
+/// The validated method (`GET` when absent) and token of a raw upgrade.
+fn raw_upgrade_of(
+    method: Option<JsonStr<'_>>,
+    token: JsonStr<'_>,
+) -> Result<RawUpgrade, RequestError> {
+    fn copy<const N: usize>(
+        chars: impl Iterator<Item = char>,
+    ) -> Result<heapless::String<N>, RequestError> {
+        let mut out = heapless::String::new();
+        for c in chars {
+            out.push(c).map_err(|_| RequestError::Upgrade)?;
+        }
+        Ok(out)
+    }
+    let method = match method {
+        Some(m) => copy(m.chars())?,
+        None => copy("GET".chars())?,
+    };
+    let token = copy(token.chars())?;
+    validate_upgrade(&method, &token)?;
+    Ok(RawUpgrade { method, token })
 }
 
 /// A stream id from a JSON string, unescaped and validated.

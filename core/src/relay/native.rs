@@ -153,6 +153,8 @@ impl<M: PayloadBuf, const STREAMS: usize, const RING: usize> Relay<M, STREAMS, R
             query: start.query,
             headers: start.headers,
             protocol: start.protocol,
+            method: start.method,
+            upgrade: start.upgrade,
         };
         let request = self.open_stream(now, id, fields)?;
         if let Some(slot) = self.streams.find(request.stream.as_str())

@@ -117,7 +117,7 @@ fn close_json(id: &str, code: u16, reason: &str) -> String {
 
 fn register_success_json(extensions: bool) -> String {
     let ext = if extensions {
-        r#","extensions":{"websocket_started":true,"websocket_close_code":true,"proxy_error_status":true}"#
+        r#","extensions":{"websocket_started":true,"websocket_close_code":true,"proxy_error_status":true,"raw_upgrade":true}"#
     } else {
         ""
     };
@@ -431,6 +431,67 @@ fn extensions_off_in_config_are_not_used() {
     assert_eq!(h.relay.extensions(), Extensions::NONE);
     h.open("s");
     assert!(h.take_sent().is_empty());
+}
+
+fn spdy_start_json(id: &str, method: &str, upgrade: &str) -> String {
+    format!(
+        r#"{{"type":"proxy_websocket_start","request_id":"{id}","payload":{{"stream_id":"{id}","method":"{method}","path":"/api/v1/namespaces/d/pods/p/exec","query":"command=sh","headers":{{}},"protocol":"v4.channel.k8s.io, v3.channel.k8s.io","upgrade":"{upgrade}"}}}}"#
+    )
+}
+
+#[test]
+fn raw_upgrade_start_is_dialled_with_its_method_and_token() {
+    let mut h = Harness::registered(true);
+    let json = spdy_start_json("s", "POST", "SPDY/3.1");
+    let Handled::Start(req) = h
+        .relay
+        .handle_tunnel_message(h.now, json.as_bytes(), &mut h.scratch)
+        .unwrap()
+    else {
+        panic!("not started")
+    };
+    let upgrade = req.upgrade.unwrap();
+    assert_eq!(
+        (upgrade.method.as_str(), upgrade.token.as_str()),
+        ("POST", "SPDY/3.1")
+    );
+    assert!(req.protocol.unwrap() == "v4.channel.k8s.io, v3.channel.k8s.io");
+}
+
+#[test]
+fn raw_upgrade_refusals_name_the_stream() {
+    // A bad method or token, or `websocket` as a raw upgrade: refused, nothing registered.
+    for (method, token) in [
+        ("PUT", "SPDY/3.1"),
+        ("POST", "websocket"),
+        ("POST", "SPDY/3.1\\r\\nX: y"),
+    ] {
+        let mut h = Harness::registered(true);
+        let e = h.feed(&spdy_start_json("s", method, token));
+        assert_eq!(
+            e,
+            Err(TunnelError::Request(RequestError::Upgrade)),
+            "{method} {token}"
+        );
+        h.drive();
+        let sent = h.take_sent();
+        assert_eq!(sent[0].kind, "proxy_error");
+        assert_eq!(sent[0].stream_id.as_deref(), Some("s"));
+        assert_eq!(h.relay.stream_count(), 0);
+    }
+    // An agent configured without the extension refuses every raw upgrade.
+    let config = Config {
+        extensions: Extensions {
+            raw_upgrade: false,
+            ..Extensions::ALL
+        },
+        ..Config::default()
+    };
+    let mut h = Harness::registered_with(config, true);
+    assert_eq!(
+        h.feed(&spdy_start_json("s", "POST", "SPDY/3.1")),
+        Err(TunnelError::Request(RequestError::Upgrade))
+    );
 }
 
 #[test]

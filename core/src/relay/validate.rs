@@ -18,6 +18,9 @@ pub enum RequestError {
     HeaderValue,
     /// An offered subprotocol is empty or has a space, control, non-ASCII or `,` character.
     Subprotocol,
+    /// A raw upgrade's method is not `GET` or `POST`, or its token is not `name[/version]` of
+    /// HTTP tokens, or is `websocket` (that takes the WebSocket path).
+    Upgrade,
 }
 
 impl fmt::Display for RequestError {
@@ -28,6 +31,9 @@ impl fmt::Display for RequestError {
             Self::HeaderName => "invalid header name",
             Self::HeaderValue => "invalid header value: control character",
             Self::Subprotocol => "invalid subprotocol name",
+            Self::Upgrade => {
+                "invalid upgrade: GET or POST with an Upgrade token other than websocket"
+            }
         })
     }
 }
@@ -108,6 +114,25 @@ pub fn validate_header_name(name: impl IntoIterator<Item = char>) -> Result<(), 
         Err(RequestError::HeaderName)
     } else {
         Ok(())
+    }
+}
+
+/// Accepts a raw (non-WebSocket) HTTP/1.1 upgrade: `method` is `GET` or `POST` (kubectl's SPDY
+/// requests are `POST`) and `token` is one `Upgrade` protocol, `name` or `name/version` made of
+/// HTTP tokens, other than `websocket` (e.g. `SPDY/3.1`).
+///
+/// # Errors
+/// [`RequestError::Upgrade`] otherwise.
+pub fn validate_upgrade(method: &str, token: &str) -> Result<(), RequestError> {
+    let token_ok = |t: &str| validate_header_name(t.chars()).is_ok();
+    let protocol_ok = match token.split_once('/') {
+        Some((name, version)) => token_ok(name) && token_ok(version),
+        None => token_ok(token) && !token.eq_ignore_ascii_case("websocket"),
+    };
+    if matches!(method, "GET" | "POST") && protocol_ok {
+        Ok(())
+    } else {
+        Err(RequestError::Upgrade)
     }
 }
 

@@ -297,7 +297,7 @@ pub enum ControlMessage<'a> {
     ProxyRequestStreamEnd,
     /// `proxy_cancel` `{}`.
     ProxyCancel,
-    /// `proxy_websocket_start` `{stream_id, method: "GET", path, query, headers, protocol?}`.
+    /// `proxy_websocket_start` `{stream_id, method, path, query, headers, protocol?, upgrade?}`.
     WebSocketStart {
         /// The stream.
         stream_id: WireStr<'a>,
@@ -307,8 +307,14 @@ pub enum ControlMessage<'a> {
         query: WireStr<'a>,
         /// `headers`.
         headers: &'a dyn HeaderList,
-        /// `protocol`: requested subprotocols, comma separated.
+        /// `protocol`: requested subprotocols, comma separated (for a raw upgrade: the offered
+        /// `X-Stream-Protocol-Version`s).
         protocol: Option<WireStr<'a>>,
+        /// `method`: `GET` when `None`; a raw upgrade sends its client's (`POST` for SPDY).
+        method: Option<WireStr<'a>>,
+        /// `upgrade`: the HTTP/1.1 `Upgrade` token of a raw (non-WebSocket) upgrade; only to an
+        /// agent that advertised [`Extensions::raw_upgrade`].
+        upgrade: Option<WireStr<'a>>,
     },
     /// `proxy_websocket_data` `{stream_id, data}`.
     WebSocketData {
@@ -433,19 +439,10 @@ impl ControlMessage<'_> {
                 }
             }
             Self::ProxyRequestChunk { data } => p.base64("data", &[data]),
-            Self::WebSocketStart {
-                stream_id,
-                path,
-                query,
-                headers,
-                protocol,
-            } => {
-                p.wire_str("stream_id", stream_id);
-                p.str("method", "GET");
-                p.wire_str("path", path);
-                p.wire_str("query", query);
-                write_headers(p.key("headers"), headers);
-                p.opt_wire_str("protocol", protocol);
+            Self::WebSocketStart { .. } => {
+                if let Some(start) = super::native::StartRequest::from_control(self) {
+                    super::native::write_start_payload(p, &start);
+                }
             }
             Self::WebSocketData { stream_id, frame } => {
                 p.wire_str("stream_id", stream_id);

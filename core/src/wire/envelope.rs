@@ -93,7 +93,7 @@ impl<'a> Envelope<'a> {
 /// (control plane to agent) and of `register` (agent to control plane):
 ///
 /// ```json
-/// "extensions": {"websocket_started": true, "websocket_close_code": true, "proxy_error_status": true, "native_frames": true}
+/// "extensions": {"websocket_started": true, "websocket_close_code": true, "proxy_error_status": true, "native_frames": true, "raw_upgrade": true}
 /// ```
 ///
 /// A missing object or member means "not supported" (a PipeOps peer sends none). Unknown
@@ -112,6 +112,10 @@ pub struct Extensions {
     /// Binary native frames (see [`wire::native`](crate::wire::native)) with per-stream
     /// credit once both ends advertise it. Member `"native_frames"`.
     pub native: bool,
+    /// `proxy_websocket_start` may carry `upgrade` (an HTTP/1.1 upgrade other than WebSocket,
+    /// e.g. SPDY/3.1, with its `method`); the stream is then an opaque byte pipe after the
+    /// upstream's 101. Member `"raw_upgrade"`.
+    pub raw_upgrade: bool,
 }
 
 impl Extensions {
@@ -121,6 +125,7 @@ impl Extensions {
         websocket_close_code: false,
         proxy_error_status: false,
         native: false,
+        raw_upgrade: false,
     };
     /// Every extension this version knows.
     pub const ALL: Self = Self {
@@ -128,7 +133,20 @@ impl Extensions {
         websocket_close_code: true,
         proxy_error_status: true,
         native: true,
+        raw_upgrade: true,
     };
+
+    /// The extensions both `self` and `other` offer: what a tunnel uses once registered.
+    #[must_use]
+    pub const fn common(self, other: Self) -> Self {
+        Self {
+            websocket_started: self.websocket_started && other.websocket_started,
+            websocket_close_code: self.websocket_close_code && other.websocket_close_code,
+            proxy_error_status: self.proxy_error_status && other.proxy_error_status,
+            native: self.native && other.native,
+            raw_upgrade: self.raw_upgrade && other.raw_upgrade,
+        }
+    }
 
     /// Reads the `extensions` member of a payload.
     pub fn from_payload(payload: JsonObject<'_>) -> Result<Self, DecodeError> {
@@ -136,17 +154,19 @@ impl Extensions {
         let Some(obj) = opt_object(payload.get(F), F)? else {
             return Ok(Self::NONE);
         };
-        let [a, b, c, d] = obj.fields([
+        let [a, b, c, d, e] = obj.fields([
             "websocket_started",
             "websocket_close_code",
             "proxy_error_status",
             "native_frames",
+            "raw_upgrade",
         ]);
         Ok(Self {
             websocket_started: opt_bool(a, F)?,
             websocket_close_code: opt_bool(b, F)?,
             proxy_error_status: opt_bool(c, F)?,
             native: opt_bool(d, F)?,
+            raw_upgrade: opt_bool(e, F)?,
         })
     }
 }

@@ -250,8 +250,12 @@ pub struct WebSocketStart<'a> {
     pub query: Option<JsonStr<'a>>,
     /// `headers`.
     pub headers: Headers<'a>,
-    /// `protocol`: requested subprotocol(s), comma separated.
+    /// `protocol`: requested subprotocol(s), comma separated. For a raw upgrade, the offered
+    /// `X-Stream-Protocol-Version`s.
     pub protocol: Option<JsonStr<'a>>,
+    /// Tether extension `raw_upgrade`: the HTTP/1.1 `Upgrade` token of a non-WebSocket upgrade
+    /// (e.g. `SPDY/3.1`); after the upstream's 101 the stream is an opaque byte pipe.
+    pub upgrade: Option<JsonStr<'a>>,
 }
 
 /// `proxy_websocket_data` / `ws_data` payload.
@@ -686,6 +690,7 @@ pub(crate) fn websocket_start(p: JsonObject<'_>) -> Result<WebSocketStart<'_>, D
         query,
         headers,
         protocol,
+        upgrade,
     ] = p.fields([
         "stream_id",
         "cluster_uuid",
@@ -694,6 +699,7 @@ pub(crate) fn websocket_start(p: JsonObject<'_>) -> Result<WebSocketStart<'_>, D
         "query",
         "headers",
         "protocol",
+        "upgrade",
     ]);
     Ok(WebSocketStart {
         stream_id: req_str(stream_id, "stream_id")?,
@@ -703,6 +709,7 @@ pub(crate) fn websocket_start(p: JsonObject<'_>) -> Result<WebSocketStart<'_>, D
         query: opt_str(query, "query")?,
         headers: Headers::from_value(headers)?,
         protocol: opt_str(protocol, "protocol")?,
+        upgrade: opt_str(upgrade, "upgrade")?,
     })
 }
 

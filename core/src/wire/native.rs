@@ -40,7 +40,7 @@ use crate::wire::envelope::Limits;
 use crate::wire::error::{BufferTooSmall, DecodeError, EncodeError};
 use crate::wire::headers::{HeaderList, write_headers};
 use crate::wire::inbound::{WebSocketStart, websocket_start};
-use crate::wire::json::{self, JsonWriter, WireStr};
+use crate::wire::json::{self, JsonWriter, ObjectWriter, WireStr};
 
 /// Length of the fixed header (kind, flags, stream).
 pub const HEADER_LEN: usize = 6;
@@ -520,6 +520,10 @@ pub struct StartRequest<'a> {
     pub headers: &'a dyn HeaderList,
     /// `protocol`: requested subprotocols, comma separated.
     pub protocol: Option<WireStr<'a>>,
+    /// `method` (`GET` when `None`).
+    pub method: Option<WireStr<'a>>,
+    /// `upgrade`: the token of a raw (non-WebSocket) upgrade.
+    pub upgrade: Option<WireStr<'a>>,
 }
 
 impl<'a> StartRequest<'a> {
@@ -533,12 +537,16 @@ impl<'a> StartRequest<'a> {
                 query,
                 headers,
                 protocol,
+                method,
+                upgrade,
             } => Some(Self {
                 stream_id,
                 path,
                 query,
                 headers,
                 protocol,
+                method,
+                upgrade,
             }),
             _ => None,
         }
@@ -562,14 +570,7 @@ pub fn encode_start(
         (None, &mut [][..])
     };
     let mut w = JsonWriter::new(rest);
-    w.object(|p| {
-        p.wire_str("stream_id", start.stream_id);
-        p.str("method", "GET");
-        p.wire_str("path", start.path);
-        p.wire_str("query", start.query);
-        write_headers(p.key("headers"), start.headers);
-        p.opt_wire_str("protocol", start.protocol);
-    });
+    w.object(|p| write_start_payload(p, start));
     let body = w.len();
     let n = HEADER_LEN.saturating_add(body);
     match (head, w.finish()) {
@@ -579,6 +580,20 @@ pub fn encode_start(
         }
         _ => Err(EncodeError::BufferTooSmall { needed: n }),
     }
+}
+
+/// Writes the members of a start payload, shared by the compat envelope and the native frame.
+pub(crate) fn write_start_payload(p: &mut ObjectWriter<'_, '_>, start: &StartRequest<'_>) {
+    p.wire_str("stream_id", start.stream_id);
+    match start.method {
+        Some(method) => p.wire_str("method", method),
+        None => p.str("method", "GET"),
+    }
+    p.wire_str("path", start.path);
+    p.wire_str("query", start.query);
+    write_headers(p.key("headers"), start.headers);
+    p.opt_wire_str("protocol", start.protocol);
+    p.opt_wire_str("upgrade", start.upgrade);
 }
 
 /// Parses a start frame's body (the `request` of [`NativeFrame::Start`]) exactly as the

@@ -526,5 +526,6 @@ pub(crate) fn write_extensions(p: &mut ObjectWriter<'_, '_>, e: &Extensions) {
         o.bool("websocket_close_code", e.websocket_close_code);
         o.bool("proxy_error_status", e.proxy_error_status);
         o.bool("native_frames", e.native);
+        o.bool("raw_upgrade", e.raw_upgrade);
     });
 }

@@ -47,6 +47,7 @@ pub struct ClusterBuilder {
 /// Extra arguments and environment for the control plane and the agent (e.g. `--wire-mode`).
 #[derive(Clone, Debug, Default)]
 struct Extra {
+    kubesim_args: Vec<String>,
     control_plane_args: Vec<String>,
     agent_args: Vec<String>,
     control_plane_env: Vec<(String, String)>,
@@ -54,6 +55,14 @@ struct Extra {
 }
 
 impl ClusterBuilder {
+    /// Appends arguments to kubesim (e.g. `--no-websocket`).
+    pub fn kubesim_args(mut self, args: &[&str]) -> Self {
+        self.extra
+            .kubesim_args
+            .extend(args.iter().map(|a| a.to_string()));
+        self
+    }
+
     /// Appends arguments to `tether-control-plane serve` (also on restarts).
     pub fn control_plane_args(mut self, args: &[&str]) -> Self {
         self.extra
@@ -200,6 +209,7 @@ impl Cluster {
                 for pod in &pods {
                     cmd.args(["--pod", pod]);
                 }
+                cmd.args(&opts.extra.kubesim_args);
                 // Pod working directories live inside this cluster's temp dir.
                 cmd.env("TMPDIR", &pod_tmp);
                 cmd

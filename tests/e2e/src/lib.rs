@@ -11,6 +11,8 @@
 //! * [`connect_proxy`]: an HTTP CONNECT proxy for the agent's proxy tests.
 //! * [`data`]: deterministic payloads and checksums; [`https`]: a tiny HTTPS client;
 //!   [`tls`]: throwaway certificates; [`proc`]: child processes with log files.
+//! * [`terminal`]: `exec -it` on a real pty with a resize.
+//! * [`transfer`]: `kubectl cp` and `port-forward` transfers checked byte for byte.
 
 pub mod bins;
 pub mod cluster;
@@ -20,7 +22,9 @@ pub mod https;
 pub mod kubectl;
 pub mod proc;
 pub mod scripted;
+pub mod terminal;
 pub mod tls;
+pub mod transfer;
 
 pub use cluster::{CLUSTER, Cluster, POD, USER};
 pub use kubectl::{Outcome, Running};

@@ -1,12 +1,10 @@
 //! Real kubectl v1.32 -> tether-control-plane -> tunnel -> tether-agent -> kubesim: exec (stdout,
 //! stderr, stdin, exit codes), `exec -it` with a resize, `attach -i`, `logs -f`, `get pods`.
 
-use std::sync::{Arc, Mutex};
-use std::time::{Duration, Instant};
+use std::time::Duration;
 
 use tether_e2e::data::{Prng, sha256};
 use tether_e2e::{Cluster, POD, USER};
-use tokio::io::{AsyncReadExt as _, AsyncWriteExt as _};
 
 const T: Duration = Duration::from_secs(15);
 
@@ -81,110 +79,10 @@ fn exec_stdout_stderr_stdin_and_exit_codes() {
     );
 }
 
-/// Collects a pty's output in the background.
-fn collect_pty(mut reader: pty_process::OwnedReadPty) -> Arc<Mutex<Vec<u8>>> {
-    let buf = Arc::new(Mutex::new(Vec::new()));
-    let sink = Arc::clone(&buf);
-    tokio::spawn(async move {
-        let mut chunk = [0u8; 4096];
-        while let Ok(n) = reader.read(&mut chunk).await {
-            if n == 0 {
-                break;
-            }
-            sink.lock().unwrap().extend_from_slice(&chunk[..n]);
-        }
-    });
-    buf
-}
-
-fn screen(buf: &Arc<Mutex<Vec<u8>>>) -> String {
-    String::from_utf8_lossy(&buf.lock().unwrap()).into_owned()
-}
-
-async fn wait_screen(buf: &Arc<Mutex<Vec<u8>>>, needle: &str) {
-    let deadline = Instant::now() + T;
-    while !screen(buf).contains(needle) {
-        assert!(
-            Instant::now() < deadline,
-            "timed out waiting for {needle:?}; terminal so far:\n{}",
-            screen(buf)
-        );
-        tokio::time::sleep(Duration::from_millis(20)).await;
-    }
-}
-
 #[tokio::test]
 async fn exec_it_with_terminal_resize() {
     let c = Cluster::start();
-    let (pty, pts) = pty_process::open().expect("open a pty");
-    pty.resize(pty_process::Size::new(33, 91)).expect("size");
-    let cmd = tokio::process::Command::from(c.kubectl(&["exec", "-it", POD, "--", "sh"]));
-    let mut child = pty_process::Command::from(cmd)
-        .kill_on_drop(true)
-        .spawn(pts)
-        .expect("spawn kubectl on a pty");
-    let (reader, mut writer) = pty.into_split();
-    let out = collect_pty(reader);
-
-    // The initial size reaches the remote terminal, which is a real tty. kubectl sends its
-    // initial resize and the first stdin from separate goroutines, so a line typed at once may be
-    // run before the size is applied: wait for the shell's prompt, then ask until the size shows
-    // (an initial resize that never arrives still fails the test).
-    let deadline = Instant::now() + T;
-    while !["# ", "$ "]
-        .iter()
-        .any(|prompt| screen(&out).contains(prompt))
-    {
-        assert!(
-            Instant::now() < deadline,
-            "no shell prompt: {}",
-            screen(&out)
-        );
-        tokio::time::sleep(Duration::from_millis(20)).await;
-    }
-    writer.write_all(b"tty\n").await.unwrap();
-    wait_screen(&out, "/dev/pts/").await;
-    let deadline = Instant::now() + T;
-    loop {
-        writer.write_all(b"stty size\n").await.unwrap();
-        tokio::time::sleep(Duration::from_millis(200)).await;
-        if screen(&out).contains("33 91") {
-            break;
-        }
-        assert!(
-            Instant::now() < deadline,
-            "the initial terminal size never reached the pod; terminal so far:\n{}",
-            screen(&out)
-        );
-    }
-
-    // A resize of the local terminal reaches it too (SIGWINCH -> channel 4 -> TIOCSWINSZ).
-    writer.resize(pty_process::Size::new(40, 120)).unwrap();
-    let deadline = Instant::now() + T;
-    loop {
-        writer.write_all(b"stty size\n").await.unwrap();
-        tokio::time::sleep(Duration::from_millis(200)).await;
-        if screen(&out).contains("40 120") {
-            break;
-        }
-        assert!(
-            Instant::now() < deadline,
-            "the resize never reached the remote terminal:\n{}",
-            screen(&out)
-        );
-    }
-
-    // Keystrokes are raw; the exit code comes back through the status.
-    writer
-        .write_all(b"echo tty-$((6*7)); exit 3\n")
-        .await
-        .unwrap();
-    wait_screen(&out, "tty-42").await;
-    let status = tokio::time::timeout(T, child.wait())
-        .await
-        .expect("kubectl exits")
-        .unwrap();
-    assert_eq!(status.code(), Some(3), "{}", screen(&out));
+    tether_e2e::terminal::exec_it_with_resize(c.kubectl(&["exec", "-it", POD, "--", "sh"])).await;
 }
 
 #[test]

@@ -9,24 +9,17 @@
 
 use std::sync::Arc;
 
-use tokio::io::{AsyncRead, AsyncWrite};
-use tokio_tungstenite::WebSocketStream;
-
-use crate::channel::Protocol;
 use crate::container::Container;
 use crate::exec::StreamOptions;
 use crate::session::{Input, Outcome, Session};
 
 /// Runs one attach session to completion.
-pub async fn serve<S>(
-    ws: WebSocketStream<S>,
-    protocol: Protocol,
+pub async fn serve(
+    started: (Session, tokio::sync::mpsc::Receiver<Input>),
     opts: StreamOptions,
     container: Arc<Container>,
-) where
-    S: AsyncRead + AsyncWrite + Unpin + Send + 'static,
-{
-    let (mut session, mut input) = Session::start(ws, protocol);
+) {
+    let (mut session, mut input) = started;
     let _ = session.output(opts.lowest_writable()).send(&[]).await;
     let Some(mut attachment) = container.attach(opts.stdout, opts.stderr) else {
         let code = container.exit_code().unwrap_or(0);

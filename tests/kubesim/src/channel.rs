@@ -40,6 +40,10 @@ pub enum Protocol {
 }
 
 /// Subprotocol names accepted for exec and attach, in server preference order.
+/// The one remote-command protocol kubesim speaks over SPDY (`X-Stream-Protocol-Version`), as
+/// the kubelet does: status as JSON on the error stream, resize stream with a TTY.
+pub const SPDY_PROTOCOL: &str = "v4.channel.k8s.io";
+
 pub const SUPPORTED: [&str; 5] = [
     "v5.channel.k8s.io",
     "v4.channel.k8s.io",

@@ -78,6 +78,9 @@ pub struct Config {
     /// Directory under which pods get their working directories (`None`: a fresh temp dir,
     /// removed when the server stops).
     pub root: Option<PathBuf>,
+    /// Refuse WebSocket upgrades (400), as an API server older than 1.30: kubectl falls back
+    /// to SPDY for exec, attach, cp and port-forward.
+    pub no_websocket: bool,
 }
 
 impl Config {
@@ -89,6 +92,7 @@ impl Config {
             tls: None,
             pods: Vec::new(),
             root: None,
+            no_websocket: false,
         }
     }
 
@@ -101,6 +105,12 @@ impl Config {
     /// Requires `token`.
     pub fn token(mut self, token: impl Into<String>) -> Self {
         self.token = Some(token.into());
+        self
+    }
+
+    /// Refuses WebSocket upgrades (see [`Config::no_websocket`]).
+    pub fn no_websocket(mut self) -> Self {
+        self.no_websocket = true;
         self
     }
 

@@ -15,12 +15,11 @@
 use std::path::PathBuf;
 use std::process::Stdio;
 
-use tokio::io::{AsyncRead, AsyncReadExt, AsyncWrite, AsyncWriteExt};
+use tokio::io::{AsyncRead, AsyncReadExt, AsyncWriteExt};
 use tokio::sync::mpsc;
 use tokio::task::JoinHandle;
-use tokio_tungstenite::WebSocketStream;
 
-use crate::channel::{Protocol, ids};
+use crate::channel::ids;
 use crate::query::Query;
 use crate::session::{Input, Outcome, Output, Session};
 use crate::status::ApiError;
@@ -77,6 +76,23 @@ impl StreamOptions {
     }
 
     /// The lowest channel the server writes on (for the initial empty message).
+    /// The channels a SPDY client opens a stream for with these options (the kubelet waits for
+    /// all of them): error always, then stdin/stdout/stderr as asked, resize with a TTY.
+    pub fn spdy_channels(&self) -> Vec<u8> {
+        let mut channels = vec![ids::ERROR];
+        for (wanted, channel) in [
+            (self.stdin, ids::STDIN),
+            (self.stdout, ids::STDOUT),
+            (self.stderr && !self.tty, ids::STDERR),
+            (self.tty, ids::RESIZE),
+        ] {
+            if wanted {
+                channels.push(channel);
+            }
+        }
+        channels
+    }
+
     pub fn lowest_writable(&self) -> u8 {
         if self.stdout {
             ids::STDOUT
@@ -88,17 +104,15 @@ impl StreamOptions {
     }
 }
 
-/// Runs one exec session to completion.
-pub async fn serve<S>(
-    ws: WebSocketStream<S>,
-    protocol: Protocol,
+/// Runs one exec session (started on a WebSocket or SPDY connection) to completion.
+pub async fn serve(
+    started: (Session, mpsc::Receiver<Input>),
     opts: StreamOptions,
     workdir: PathBuf,
     env: Vec<(String, String)>,
-) where
-    S: AsyncRead + AsyncWrite + Unpin + Send + 'static,
-{
-    let (mut session, input) = Session::start(ws, protocol);
+) {
+    let (mut session, input) = started;
+    let protocol = session.protocol();
     let _ = session.output(opts.lowest_writable()).send(&[]).await;
     let spawned = if opts.tty {
         spawn_tty(&opts, &workdir, &env, &session, input)

@@ -30,6 +30,7 @@ use crate::exec::StreamOptions;
 use crate::pods::{Pod, Pods};
 use crate::query::Query;
 use crate::record::{RecordedRequest, Recorder};
+use crate::session::Session;
 use crate::status::ApiError;
 
 /// Response body type.
@@ -45,6 +46,8 @@ pub struct State {
     pub pods: Pods,
     /// Address advertised in `/api`.
     pub advertise: String,
+    /// Refuse WebSocket upgrades, as an API server older than 1.30 (kubectl falls back to SPDY).
+    pub no_websocket: bool,
 }
 
 fn full(bytes: impl Into<Bytes>) -> Body {
@@ -170,7 +173,7 @@ async fn route(state: &Arc<State>, req: Request<Incoming>) -> Result<Response<Bo
             sub @ ("exec" | "attach" | "portforward"),
         ] => {
             let pod = state.pods.get(ns, name)?;
-            streaming(pod, sub, req)
+            streaming(pod, sub, req, state.no_websocket)
         }
         _ => Err(ApiError::no_route()),
     }
@@ -201,9 +204,14 @@ fn logs(pod: &Pod, query: &Query) -> Result<Response<Body>, ApiError> {
     Ok(resp)
 }
 
-fn streaming(pod: Arc<Pod>, sub: &str, req: Request<Incoming>) -> Result<Response<Body>, ApiError> {
+fn streaming(
+    pod: Arc<Pod>,
+    sub: &str,
+    req: Request<Incoming>,
+    no_websocket: bool,
+) -> Result<Response<Body>, ApiError> {
     let websocket = crate::upgrade::is_websocket(req.headers());
-    let spdy = crate::upgrade::is_spdy(req.headers());
+    let spdy = !websocket && crate::upgrade::is_spdy(req.headers());
     let allowed = if websocket {
         req.method() == Method::GET
     } else {
@@ -211,6 +219,11 @@ fn streaming(pod: Arc<Pod>, sub: &str, req: Request<Incoming>) -> Result<Respons
     };
     if !allowed {
         return Err(ApiError::method_not_allowed());
+    }
+    if websocket && no_websocket {
+        return Err(ApiError::bad_request(
+            "WebSocket upgrades are not supported by this server (an API server older than 1.30): use SPDY",
+        ));
     }
     let query = Query::parse(req.uri().query());
     let offered = crate::upgrade::offered_protocols(req.headers());
@@ -223,8 +236,19 @@ fn streaming(pod: Arc<Pod>, sub: &str, req: Request<Incoming>) -> Result<Respons
                 pod.spec.name
             )));
         }
+        if spdy {
+            let chosen = crate::upgrade::negotiate_stream_protocol(
+                req.headers(),
+                &[crate::portforward::SPDY_STREAM_PROTOCOL],
+            )?;
+            return Ok(crate::upgrade::upgrade_spdy(
+                req,
+                chosen,
+                crate::portforward::serve_spdy,
+            ));
+        }
         if !websocket {
-            return Err(refuse_non_websocket(spdy));
+            return Err(refuse_non_upgrade());
         }
         let negotiated = crate::portforward::negotiate(&offered, req.uri().query())
             .map_err(|r| refusal(r.status(), r.message()))?;
@@ -243,8 +267,35 @@ fn streaming(pod: Arc<Pod>, sub: &str, req: Request<Incoming>) -> Result<Respons
             pod.spec.name
         )));
     }
+    let is_exec = sub == "exec";
+    let channels = opts.spdy_channels();
+    let dir = pod.dir.clone();
+    let env = Pod::env(&pod.spec, container.name());
+    let run = move |started| async move {
+        if is_exec {
+            crate::exec::serve(started, opts, dir, env).await;
+        } else {
+            crate::attach::serve(started, opts, container).await;
+        }
+    };
+    if spdy {
+        let chosen = crate::upgrade::negotiate_stream_protocol(
+            req.headers(),
+            &[crate::channel::SPDY_PROTOCOL],
+        )?;
+        return Ok(crate::upgrade::upgrade_spdy(
+            req,
+            chosen,
+            move |io| async move {
+                match Session::start_spdy(io, &channels).await {
+                    Ok(started) => run(started).await,
+                    Err(e) => tracing::warn!(error = %e, "SPDY session setup failed"),
+                }
+            },
+        ));
+    }
     if !websocket {
-        return Err(refuse_non_websocket(spdy));
+        return Err(refuse_non_upgrade());
     }
     let Some((protocol, subprotocol)) = Protocol::negotiate(&offered) else {
         return Err(ApiError::forbidden(format!(
@@ -253,27 +304,13 @@ fn streaming(pod: Arc<Pod>, sub: &str, req: Request<Incoming>) -> Result<Respons
             crate::channel::SUPPORTED.join(", ")
         )));
     };
-    if sub == "exec" {
-        let dir = pod.dir.clone();
-        let env = Pod::env(&pod.spec, container.name());
-        crate::upgrade::upgrade(req, subprotocol, move |ws| {
-            crate::exec::serve(ws, protocol, opts, dir, env)
-        })
-    } else {
-        crate::upgrade::upgrade(req, subprotocol, move |ws| {
-            crate::attach::serve(ws, protocol, opts, container)
-        })
-    }
+    crate::upgrade::upgrade(req, subprotocol, move |ws| {
+        run(Session::start(ws, protocol))
+    })
 }
 
-fn refuse_non_websocket(spdy: bool) -> ApiError {
-    if spdy {
-        ApiError::forbidden(
-            "unable to upgrade connection: kubesim does not support SPDY streaming; use a WebSocket client (kubectl 1.30+ does by default)",
-        )
-    } else {
-        ApiError::bad_request("Upgrade request required")
-    }
+fn refuse_non_upgrade() -> ApiError {
+    ApiError::bad_request("Upgrade request required")
 }
 
 fn refusal(code: u16, message: &str) -> ApiError {

@@ -1,4 +1,4 @@
-//! The `kubesim` binary: `kubesim --listen ADDR [--token TOKEN] [--tls-cert F --tls-key F]
+//! The `kubesim` binary: `kubesim --listen ADDR [--token TOKEN] [--tls-cert F --tls-key F] [--no-websocket]
 //! [--pod NAMESPACE/NAME]...`; every flag can also come from a `KUBESIM_*` variable.
 
 use std::net::SocketAddr;
@@ -39,6 +39,10 @@ struct Cli {
         value_delimiter = ' '
     )]
     pods: Vec<PodSpec>,
+    /// Refuse WebSocket upgrades as an API server older than 1.30 does, so kubectl falls back
+    /// to SPDY.
+    #[arg(long, env = "KUBESIM_NO_WEBSOCKET")]
+    no_websocket: bool,
     /// Log format on stderr.
     #[arg(long, env = "KUBESIM_LOG_FORMAT", value_enum, default_value_t = LogFormat::Text)]
     log_format: LogFormat,
@@ -95,6 +99,7 @@ fn one_line(text: &str) -> String {
 fn config(cli: &Cli) -> Result<Config, String> {
     let mut config = Config::new(cli.listen);
     config.token = cli.token.clone().filter(|t| !t.is_empty());
+    config.no_websocket = cli.no_websocket;
     if let (Some(cert), Some(key)) = (&cli.tls_cert, &cli.tls_key) {
         let read = |p: &PathBuf, what: &str| {
             std::fs::read(p).map_err(|e| format!("cannot read {what} {}: {e}", p.display()))

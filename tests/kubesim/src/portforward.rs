@@ -41,6 +41,9 @@ use tokio_tungstenite::tungstenite::protocol::frame::coding::CloseCode;
 
 use crate::spdy::{self, Decoder, Encoder, FLAG_FIN, Frame, Headers, goaway_status, rst_status};
 
+/// `X-Stream-Protocol-Version` of kubectl's SPDY (fallback) port-forward.
+pub const SPDY_STREAM_PROTOCOL: &str = "portforward.k8s.io";
+
 /// Subprotocol of kubectl's tunnelled SPDY port-forward.
 pub const SPDY_PORTFORWARD_PROTOCOL: &str = "SPDY/3.1+portforward.k8s.io";
 /// Legacy binary channel subprotocol.
@@ -314,6 +317,36 @@ where
     }
 }
 
+/// Runs one port-forward session on a connection upgraded to SPDY/3.1 (kubectl's fallback,
+/// `X-Stream-Protocol-Version: portforward.k8s.io`; the 101 is already sent): the same SPDY
+/// session as the tunnelled one, on raw bytes. Ends as [`serve`] does, with GOAWAY, then the
+/// connection is shut down.
+pub async fn serve_spdy(io: crate::upgrade::Upgraded) {
+    let (rd, wr) = tokio::io::split(io);
+    let (out, out_rx) = mpsc::channel::<Message>(OUT_QUEUE_FRAMES);
+    let writer = tokio::spawn(crate::session::raw_write_loop(wr, out_rx));
+    let messages = futures_util::stream::unfold(Some(rd), |rd| async move {
+        let mut rd = rd?;
+        let mut buf = BytesMut::with_capacity(64 * 1024);
+        match rd.read_buf(&mut buf).await {
+            Ok(0) => None,
+            Ok(_) => Some((Ok(Message::Binary(buf.freeze())), Some(rd))),
+            Err(e) => Some((Err(e), None)),
+        }
+    });
+    let _ = SpdySession::new(out.clone()).run(Box::pin(messages)).await;
+    let goaway = spdy::encode_goaway(0, goaway_status::OK);
+    let _ = out.send(Message::Binary(goaway.into())).await;
+    let _ = out.send(Message::Close(None)).await;
+    drop(out);
+    if tokio::time::timeout(Duration::from_secs(5), writer)
+        .await
+        .is_err()
+    {
+        tracing::warn!("portforward: SPDY writer did not finish");
+    }
+}
+
 type WsSink<S> = SplitSink<WebSocketStream<S>, Message>;
 type WsStream<S> = SplitStream<WebSocketStream<S>>;
 
@@ -431,9 +464,10 @@ impl SpdySession {
 
     /// Reads the tunnel until it ends; returns the read half and whether the peer closed
     /// the WebSocket (so no Close answer needs awaiting).
-    async fn run<S>(mut self, mut stream: WsStream<S>) -> (WsStream<S>, bool)
+    async fn run<St, E>(mut self, mut stream: St) -> (St, bool)
     where
-        S: AsyncRead + AsyncWrite + Unpin,
+        St: futures_util::Stream<Item = Result<Message, E>> + Unpin,
+        E: std::fmt::Display,
     {
         let mut decoder = Decoder::new();
         let mut sweep = tokio::time::interval(Duration::from_secs(1));

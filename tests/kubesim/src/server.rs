@@ -35,6 +35,7 @@ impl Server {
             token: config.token.clone(),
             pods,
             advertise: addr.to_string(),
+            no_websocket: config.no_websocket,
         });
         let accept_state = state.clone();
         let task = tokio::spawn(async move {

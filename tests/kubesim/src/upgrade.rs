@@ -70,6 +70,67 @@ pub fn accept_key(headers: &HeaderMap) -> Result<String, ApiError> {
     Ok(derive_accept_key(key.as_bytes()))
 }
 
+/// The offered `X-Stream-Protocol-Version`s of a SPDY upgrade, in order.
+pub fn offered_stream_protocols(headers: &HeaderMap) -> Vec<String> {
+    headers
+        .get_all("x-stream-protocol-version")
+        .iter()
+        .filter_map(|v| v.to_str().ok())
+        .flat_map(|s| s.split(','))
+        .map(|s| s.trim().to_string())
+        .filter(|s| !s.is_empty())
+        .collect()
+}
+
+/// Picks the first offered SPDY stream protocol that is `supported` (as the kubelet's
+/// `httpstream.Handshake` does); `Err` is the 403 the kubelet answers, naming what it accepts.
+pub fn negotiate_stream_protocol(
+    headers: &HeaderMap,
+    supported: &[&'static str],
+) -> Result<&'static str, ApiError> {
+    let offered = offered_stream_protocols(headers);
+    offered
+        .iter()
+        .find_map(|o| supported.iter().find(|s| **s == o.as_str()).copied())
+        .ok_or_else(|| {
+            ApiError::forbidden(format!(
+                "unable to upgrade connection: none of the offered stream protocols [{}] is supported (supported: {})",
+                offered.join(", "),
+                supported.join(", ")
+            ))
+        })
+}
+
+/// Answers `req` with the SPDY/3.1 101 naming `protocol` and runs `session` on the upgraded
+/// connection in a new task.
+pub fn upgrade_spdy<B, F, Fut>(
+    req: Request<Incoming>,
+    protocol: &'static str,
+    session: F,
+) -> Response<B>
+where
+    B: Default,
+    F: FnOnce(Upgraded) -> Fut + Send + 'static,
+    Fut: Future<Output = ()> + Send + 'static,
+{
+    let mut resp = Response::new(B::default());
+    *resp.status_mut() = StatusCode::SWITCHING_PROTOCOLS;
+    let h = resp.headers_mut();
+    h.insert(header::UPGRADE, HeaderValue::from_static("SPDY/3.1"));
+    h.insert(header::CONNECTION, HeaderValue::from_static("Upgrade"));
+    h.insert(
+        "x-stream-protocol-version",
+        HeaderValue::from_static(protocol),
+    );
+    tokio::spawn(async move {
+        match hyper::upgrade::on(req).await {
+            Ok(upgraded) => session(TokioIo::new(upgraded)).await,
+            Err(e) => tracing::warn!(error = %e, "SPDY upgrade failed"),
+        }
+    });
+    resp
+}
+
 /// Answers `req` with 101 and runs `session` on the upgraded WebSocket in a new task.
 pub fn upgrade<B, F, Fut>(
     req: Request<Incoming>,

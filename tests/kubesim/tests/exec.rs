@@ -189,19 +189,54 @@ fn exec_errors_are_kubernetes_errors() {
         no_binary.stderr_str()
     );
 
-    // kubectl's SPDY path (WebSockets disabled) gets a clear refusal instead of a hang.
+    // kubectl's SPDY path (WebSockets disabled): exit codes and both output streams.
     let spdy = run_env(
         &sim,
-        &["exec", "demo", "--", "true"],
+        &[
+            "exec",
+            "demo",
+            "--",
+            "sh",
+            "-c",
+            "echo out; echo err >&2; exit 3",
+        ],
         "KUBECTL_REMOTE_COMMAND_WEBSOCKETS",
         "false",
     );
-    spdy.assert_code(1);
+    spdy.assert_code(3);
+    assert_eq!(spdy.stdout_str(), "out\n");
     assert!(
-        spdy.stderr_str().contains("Forbidden") && spdy.stderr_str().contains("SPDY"),
+        spdy.stderr_str().starts_with("err\n")
+            && spdy
+                .stderr_str()
+                .contains("command terminated with exit code 3"),
         "{}",
         spdy.stderr_str()
     );
+}
+
+#[test]
+fn no_websocket_makes_kubectl_fall_back_to_spdy() {
+    let sim = Kubesim::builder()
+        .pod("default/demo")
+        .env("KUBESIM_NO_WEBSOCKET", "true")
+        .start();
+    let out = sim.run_with_stdin(
+        &["exec", "-i", "demo", "--", "sh", "-c", "cat; exit 5"],
+        b"piped\n",
+    );
+    out.assert_code(5);
+    assert_eq!(out.stdout_str(), "piped\n");
+    let requests = sim.requests();
+    let exec: Vec<_> = requests
+        .iter()
+        .filter(|r| r.path.ends_with("/exec"))
+        .collect();
+    // The WebSocket attempt (refused), then the SPDY retry.
+    assert_eq!(exec.len(), 2, "{exec:?}");
+    assert_eq!(exec[0].header("upgrade"), Some("websocket"));
+    assert_eq!(exec[1].method, "POST");
+    assert_eq!(exec[1].header("upgrade"), Some("SPDY/3.1"));
 }
 
 fn run_env(sim: &Kubesim, args: &[&str], key: &str, value: &str) -> support::Outcome {

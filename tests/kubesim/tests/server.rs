@@ -95,12 +95,13 @@ async fn errors_are_status_json_and_auth_is_required() {
     assert_eq!(code, 400);
     assert!(body.contains("at least one command"), "{body}");
 
-    // kubectl's SPDY fallback is refused with 403 Forbidden (a Status kubectl prints).
+    // A SPDY upgrade offering no stream protocol kubesim speaks is refused with 403 Forbidden
+    // naming what it supports, as the kubelet's handshake does.
     let spdy = [
         ("Authorization", bearer()),
         ("Connection", "Upgrade".to_string()),
         ("Upgrade", "SPDY/3.1".to_string()),
-        ("X-Stream-Protocol-Version", "v4.channel.k8s.io".to_string()),
+        ("X-Stream-Protocol-Version", "v2.channel.k8s.io".to_string()),
     ];
     let spdy: Vec<(&str, &str)> = spdy.iter().map(|(k, v)| (*k, v.as_str())).collect();
     let (code, body) = http(
@@ -111,9 +112,14 @@ async fn errors_are_status_json_and_auth_is_required() {
     )
     .await;
     assert_eq!(code, 403);
-    assert_eq!(
-        serde_json::from_str::<serde_json::Value>(&body).unwrap()["reason"],
-        "Forbidden"
+    let status = serde_json::from_str::<serde_json::Value>(&body).unwrap();
+    assert_eq!(status["reason"], "Forbidden");
+    assert!(
+        status["message"]
+            .as_str()
+            .unwrap()
+            .contains("v4.channel.k8s.io"),
+        "{body}"
     );
 
     // Lists and namespaces.
@@ -136,7 +142,7 @@ async fn errors_are_status_json_and_auth_is_required() {
     assert_eq!(recorded[6].method, "POST");
     assert_eq!(
         recorded[6].header_all("x-stream-protocol-version"),
-        ["v4.channel.k8s.io"]
+        ["v2.channel.k8s.io"]
     );
 }
 

@@ -21,6 +21,7 @@
 mod http;
 pub mod metrics;
 pub mod proxy;
+mod raw_upgrade;
 mod session;
 pub mod tunnel;
 mod upstream;

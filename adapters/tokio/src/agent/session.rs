@@ -688,13 +688,14 @@ impl Session<'_> {
                 let _ = self.relay.handle_upstream_failed(now, id, 503, DRAINING);
             }
             Ok(Handled::Start(start)) => {
-                let spec = stream_spec(
+                let mut spec = stream_spec(
                     start.stream.as_str(),
                     start.path,
                     start.query,
                     start.headers,
                     start.protocol,
                 );
+                spec.raw = start.upgrade;
                 self.spawn_stream(spec, false);
             }
             Ok(Handled::Consumed) => {}
@@ -1295,5 +1296,6 @@ fn stream_spec(
             pairs.iter().map(|(n, v)| (n.as_str(), v.as_str())),
         ),
         protocols,
+        raw: None,
     }
 }

@@ -1,14 +1,18 @@
-//! One task per relayed WebSocket stream: dials the Kubernetes API and moves whole messages between
-//! its socket and the session task. No protocol decisions here: the relay (through the session)
-//! says when to stop reading, what to write and when to close.
+//! One task per relayed stream: dials the Kubernetes API (a WebSocket, or a raw upgrade such as
+//! SPDY/3.1 through [`raw_upgrade`](super::raw_upgrade)) and moves messages between its socket and
+//! the session task. No protocol decisions here: the relay (through the session) says when to stop
+//! reading, what to write and when to close.
 
 use std::sync::Arc;
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::time::Duration;
 
+use std::future::Future;
+
 use bytes::Bytes;
 use futures_util::{SinkExt as _, StreamExt as _};
-use tether_core::relay::MessageKind;
+use tether_core::relay::{MessageKind, RawUpgrade};
+use tokio::io::AsyncWriteExt as _;
 use tokio::sync::{Notify, mpsc};
 use tokio_tungstenite::WebSocketStream;
 use tokio_tungstenite::tungstenite::client::IntoClientRequest as _;
@@ -18,6 +22,7 @@ use tokio_tungstenite::tungstenite::protocol::{CloseFrame, WebSocketConfig};
 use tokio_tungstenite::tungstenite::{Error as WsError, Message, Utf8Bytes};
 
 use super::metrics::{Metrics, StreamKind, StreamLife};
+use super::raw_upgrade::{self, Upgraded};
 use super::session::FromTask;
 use crate::kube::{KubeStream, KubeTarget, headers};
 
@@ -37,8 +42,16 @@ pub(crate) struct StreamSpec {
     pub(crate) query: String,
     /// Headers already filtered by [`headers::forward_request_headers`].
     pub(crate) headers: Vec<(String, String)>,
-    /// Subprotocols to offer, in order.
+    /// Subprotocols to offer, in order (for a raw upgrade: `X-Stream-Protocol-Version`s).
     pub(crate) protocols: Vec<String>,
+    /// Dial this raw upgrade instead of a WebSocket.
+    pub(crate) raw: Option<RawUpgrade>,
+}
+
+/// A dialled upstream.
+enum Upstream {
+    WebSocket(Box<WebSocketStream<KubeStream>>),
+    Raw(Upgraded),
 }
 
 /// Commands from the session to a stream task, in order.
@@ -83,15 +96,25 @@ pub(crate) async fn run(
     max_message: usize,
 ) {
     let id = spec.id.clone();
-    let ws = match tokio::time::timeout(DIAL_TIMEOUT, dial(&target, &spec, max_message)).await {
-        Ok(Ok((ws, subprotocol))) => {
+    let dialled = async {
+        match &spec.raw {
+            Some(upgrade) => raw_upgrade::dial(&target, &spec, upgrade)
+                .await
+                .map(|(io, p)| (Upstream::Raw(io), p)),
+            None => dial(&target, &spec, max_message)
+                .await
+                .map(|(ws, p)| (Upstream::WebSocket(Box::new(ws)), p)),
+        }
+    };
+    let upstream = match tokio::time::timeout(DIAL_TIMEOUT, dialled).await {
+        Ok(Ok((upstream, subprotocol))) => {
             let _ = events
                 .send(FromTask::Started {
                     id: id.clone(),
                     subprotocol,
                 })
                 .await;
-            ws
+            upstream
         }
         Ok(Err((status, message))) => {
             let _ = events
@@ -115,7 +138,10 @@ pub(crate) async fn run(
             return;
         }
     };
-    let (code, reason) = relay(ws, &id, &mut commands, &ctl, &events).await;
+    let (code, reason) = match upstream {
+        Upstream::WebSocket(ws) => relay(*ws, &id, &mut commands, &ctl, &events).await,
+        Upstream::Raw(io) => relay_raw(io, &id, &mut commands, &ctl, &events).await,
+    };
     let _ = events.send(FromTask::Closed { id, code, reason }).await;
 }
 
@@ -208,39 +234,109 @@ async fn relay(
                 }
             }
         };
-        tokio::pin!(writer, reader);
-        let mut sent: Option<(u16, String)> = None;
-        let close_wait = tokio::time::sleep(Duration::MAX / 4);
-        tokio::pin!(close_wait);
-        loop {
-            tokio::select! {
-                end = &mut writer, if sent.is_none() => match end {
-                    WriterEnd::SentClose(code, reason) => {
-                        close_wait.as_mut().reset(tokio::time::Instant::now() + CLOSE_WAIT);
-                        sent = Some((code, reason));
-                    }
-                    WriterEnd::SessionGone => break (1001, "agent session ended".to_string()),
-                    WriterEnd::Failed(code, reason) => break (code, reason),
-                },
-                got = &mut reader => {
-                    // A close from the upstream wins; without a code (or after an error while
-                    // closing) report our own close, else a normal close (1005 may not travel).
-                    break match (got, sent) {
-                        (Some(c), None) => c,
-                        (Some(c), Some(_)) if c.0 < 1005 || c.0 > 1006 => c,
-                        (_, Some(ours)) => ours,
-                        (None, None) => (1000, String::new()),
-                    };
-                }
-                () = &mut close_wait, if sent.is_some() => {
-                    break sent.take().unwrap_or((1001, String::new()));
-                }
-            }
-        }
+        settle(writer, reader).await
     };
     // Push out a close reply tungstenite may have queued.
     let _ = sink.flush().await;
     outcome
+}
+
+/// Moves bytes of a raw upgrade until it ends; returns the close code and reason to report: 1000
+/// when the upstream ended the connection, our own close when we ended it, 1011 on an error.
+/// Each read becomes one binary message; each message is written whole and flushed.
+async fn relay_raw(
+    io: Upgraded,
+    id: &str,
+    commands: &mut mpsc::Receiver<ToUpstream>,
+    ctl: &StreamCtl,
+    events: &mpsc::Sender<FromTask>,
+) -> (u16, String) {
+    let (mut rd, mut wr) = tokio::io::split(io);
+    let closing = AtomicBool::new(false);
+    let writer = async {
+        while let Some(command) = commands.recv().await {
+            match command {
+                ToUpstream::Message(_, payload) => {
+                    if let Err(e) = crate::byte_pipe::write_chunk(&mut wr, &payload).await {
+                        return WriterEnd::Failed(1011, format!("upstream write failed: {e}"));
+                    }
+                    if ctl.stalled.swap(false, Ordering::AcqRel) {
+                        let _ = events.send(FromTask::Drained { id: id.to_string() }).await;
+                    }
+                }
+                ToUpstream::Close(code, reason) => {
+                    closing.store(true, Ordering::Release);
+                    ctl.resume.notify_one();
+                    let _ = wr.shutdown().await;
+                    return WriterEnd::SentClose(code, reason);
+                }
+            }
+        }
+        closing.store(true, Ordering::Release);
+        let _ = wr.shutdown().await;
+        WriterEnd::SessionGone
+    };
+    let reader = async {
+        loop {
+            if !closing.load(Ordering::Acquire) && ctl.paused.load(Ordering::Acquire) {
+                ctl.resume.notified().await;
+                continue;
+            }
+            let payload = match crate::byte_pipe::read_chunk(&mut rd).await {
+                Ok(Some(bytes)) => bytes,
+                Ok(None) => return None,
+                Err(e) => return Some((1011, format!("upstream read failed: {e}"))),
+            };
+            let event = FromTask::Data {
+                id: id.to_string(),
+                kind: MessageKind::Binary,
+                payload,
+            };
+            if events.send(event).await.is_err() {
+                return Some((1001, "agent session ended".into()));
+            }
+        }
+    };
+    settle(writer, reader).await
+}
+
+/// Runs a stream's writing and reading halves to the end; returns the close to report.
+///
+/// `reader` yields the upstream's close (`None`: ended without a code). After the writer sent our
+/// close the upstream gets [`CLOSE_WAIT`] to answer before our own close is reported.
+async fn settle(
+    writer: impl Future<Output = WriterEnd>,
+    reader: impl Future<Output = Option<(u16, String)>>,
+) -> (u16, String) {
+    tokio::pin!(writer, reader);
+    let mut sent: Option<(u16, String)> = None;
+    let close_wait = tokio::time::sleep(Duration::MAX / 4);
+    tokio::pin!(close_wait);
+    loop {
+        tokio::select! {
+            end = &mut writer, if sent.is_none() => match end {
+                WriterEnd::SentClose(code, reason) => {
+                    close_wait.as_mut().reset(tokio::time::Instant::now() + CLOSE_WAIT);
+                    sent = Some((code, reason));
+                }
+                WriterEnd::SessionGone => break (1001, "agent session ended".to_string()),
+                WriterEnd::Failed(code, reason) => break (code, reason),
+            },
+            got = &mut reader => {
+                // A close from the upstream wins; without a code (or after an error while
+                // closing) report our own close, else a normal close (1005 may not travel).
+                break match (got, sent) {
+                    (Some(c), None) => c,
+                    (Some(c), Some(_)) if c.0 < 1005 || c.0 > 1006 => c,
+                    (_, Some(ours)) => ours,
+                    (None, None) => (1000, String::new()),
+                };
+            }
+            () = &mut close_wait, if sent.is_some() => {
+                break sent.take().unwrap_or((1001, String::new()));
+            }
+        }
+    }
 }
 
 fn read_error(e: &WsError) -> (u16, String) {

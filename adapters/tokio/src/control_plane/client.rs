@@ -15,6 +15,7 @@ use http_body_util::{BodyExt as _, Limited, StreamBody};
 use hyper::body::{Frame, Incoming};
 use hyper_util::rt::TokioIo;
 use tether_core::relay::{Close, Message, MessageKind};
+use tokio::io::AsyncWriteExt as _;
 use tokio::sync::mpsc;
 use tokio_tungstenite::WebSocketStream;
 use tokio_tungstenite::tungstenite::Message as WsMessage;
@@ -47,6 +48,38 @@ pub(crate) fn is_websocket_upgrade(headers: &HeaderMap) -> bool {
     };
     has_token(header::CONNECTION, "upgrade") && has_token(header::UPGRADE, "websocket")
 }
+
+/// The `Upgrade` token of a raw (non-WebSocket) HTTP/1.1 upgrade, such as kubectl's `SPDY/3.1`:
+/// `Connection: upgrade` and an `Upgrade` that does not name WebSocket.
+pub(crate) fn raw_upgrade_token(headers: &HeaderMap) -> Option<String> {
+    let upgrade_connection = headers.get_all(header::CONNECTION).iter().any(|v| {
+        v.to_str().is_ok_and(|v| {
+            v.split(',')
+                .any(|t| t.trim().eq_ignore_ascii_case("upgrade"))
+        })
+    });
+    let token = headers.get(header::UPGRADE)?.to_str().ok()?.trim();
+    let websocket = token
+        .split(',')
+        .any(|t| t.trim().eq_ignore_ascii_case("websocket"));
+    (upgrade_connection && !token.is_empty() && !websocket).then(|| token.to_string())
+}
+
+/// The offered `X-Stream-Protocol-Version`s, comma separated, in order.
+fn stream_protocols(headers: &HeaderMap) -> String {
+    headers
+        .get_all(STREAM_PROTOCOL)
+        .iter()
+        .filter_map(|v| v.to_str().ok())
+        .flat_map(|v| v.split(','))
+        .map(str::trim)
+        .filter(|v| !v.is_empty())
+        .collect::<Vec<_>>()
+        .join(", ")
+}
+
+/// Offers (request) and names (101) the protocol of a raw upgrade.
+const STREAM_PROTOCOL: &str = "x-stream-protocol-version";
 
 /// Serves one kubectl request for `cluster` at `kube_path`.
 pub(crate) async fn handle(
@@ -87,7 +120,8 @@ pub(crate) async fn handle(
         close: None,
     };
     let websocket_upgrade = is_websocket_upgrade(req.headers());
-    let kind = if websocket_upgrade {
+    let raw_upgrade = raw_upgrade_token(req.headers());
+    let kind = if websocket_upgrade || raw_upgrade.is_some() {
         StreamKind::WebSocket
     } else {
         StreamKind::Http
@@ -95,6 +129,36 @@ pub(crate) async fn handle(
     // Live (`tether_streams_active`) until the client task ends; its duration is then observed.
     let life = state.metrics.stream_life(kind);
 
+    if let Some(token) = raw_upgrade {
+        let method = req.method().clone();
+        let on_upgrade = hyper::upgrade::on(&mut req);
+        let open = OpenStream {
+            id: id.clone(),
+            path: kube_path,
+            query,
+            protocols: stream_protocols(req.headers()),
+            headers: headers
+                .into_iter()
+                .filter(|(n, _)| !n.eq_ignore_ascii_case(STREAM_PROTOCOL.as_bytes()))
+                .collect(),
+            upgrade: Some((method.as_str().to_string(), token.clone())),
+            user,
+            link,
+        };
+        if cmd.send(Cmd::OpenStream(open)).is_err() {
+            return status_response(
+                502,
+                &format!("the agent of cluster \"{cluster}\" went away"),
+            );
+        }
+        let stream = ClientStream {
+            rx,
+            shared,
+            guard,
+            life,
+        };
+        return raw(stream, &state.metrics, token, method, on_upgrade).await;
+    }
     if websocket_upgrade {
         let Some(key) = req.headers().get(header::SEC_WEBSOCKET_KEY).cloned() else {
             return status_response(400, "WebSocket upgrade without Sec-WebSocket-Key");
@@ -113,6 +177,7 @@ pub(crate) async fn handle(
             query,
             headers,
             protocols,
+            upgrade: None,
             user,
             link,
         };
@@ -345,6 +410,151 @@ fn close_frame(close: &Close) -> Option<CloseFrame> {
     })
 }
 
+/// Waits for the agent's answer to a raw upgrade: the upstream's 101 (answered with `Upgrade:
+/// token`, `Connection: Upgrade` and the chosen `X-Stream-Protocol-Version`; then bytes move both
+/// ways), its refusal status, or (an agent that cannot carry upgrades) a plain response.
+async fn raw(
+    stream: ClientStream,
+    metrics: &Metrics,
+    token: String,
+    method: Method,
+    on_upgrade: hyper::upgrade::OnUpgrade,
+) -> Response<Body> {
+    let ClientStream {
+        mut rx,
+        shared,
+        guard,
+        life,
+    } = stream;
+    let subprotocol = match rx.recv().await {
+        Some(ToClient::Started { subprotocol }) => subprotocol,
+        Some(ToClient::Failed { status, message }) => {
+            metrics.stream_failed(status);
+            return status_response(status, &message);
+        }
+        Some(ToClient::Head {
+            status,
+            headers,
+            gzip,
+        }) => {
+            let stream = ClientStream {
+                rx,
+                shared,
+                guard,
+                life,
+            };
+            return head_response(stream, method, status, headers, gzip);
+        }
+        _ => return status_response(502, "the agent tunnel went away"),
+    };
+    let mut response = Response::new(super::status::full(Bytes::new()));
+    *response.status_mut() = StatusCode::SWITCHING_PROTOCOLS;
+    let h = response.headers_mut();
+    let Ok(upgrade) = HeaderValue::from_str(&token) else {
+        return status_response(400, "invalid Upgrade header");
+    };
+    h.insert(header::UPGRADE, upgrade);
+    h.insert(header::CONNECTION, HeaderValue::from_static("Upgrade"));
+    if !subprotocol.is_empty() {
+        match HeaderValue::from_str(&subprotocol) {
+            Ok(v) => h.insert(STREAM_PROTOCOL, v),
+            Err(_) => return status_response(502, "the agent reported an invalid stream protocol"),
+        };
+    }
+    tokio::spawn(async move {
+        let _life = life;
+        match on_upgrade.await {
+            Ok(upgraded) => relay_raw(TokioIo::new(upgraded), rx, shared, guard).await,
+            Err(e) => tracing::warn!(stream = %guard.id, error = %e, "client upgrade failed"),
+        }
+    });
+    response
+}
+
+/// Moves the bytes of a raw upgrade between the client and the tunnel task until either side
+/// ends. The client ending its connection closes the stream with 1000; the agent's close ends
+/// the client's connection once every byte before it was written (an abnormal close is logged:
+/// a byte pipe cannot tell the client why).
+async fn relay_raw<S>(
+    io: S,
+    mut rx: mpsc::UnboundedReceiver<ToClient>,
+    shared: Arc<Shared>,
+    mut guard: StreamGuard,
+) where
+    S: tokio::io::AsyncRead + tokio::io::AsyncWrite + Unpin,
+{
+    let (mut rd, mut wr) = tokio::io::split(io);
+    let id = guard.id.clone();
+    let cmd = guard.cmd.clone();
+    let reader_shared = shared.clone();
+    let reader_cmd = cmd.clone();
+    let reader_id = id.clone();
+    // Client -> agent. Returns the client's end: 1000 at end of stream, `None` on an error.
+    let reader = async move {
+        loop {
+            let payload = match crate::byte_pipe::read_chunk(&mut rd).await {
+                Ok(Some(payload)) => payload,
+                Ok(None) => return Some(Close::new(1000, "")),
+                Err(_) => return None,
+            };
+            let Ok(permit) = reader_shared.to_agent.acquire().await else {
+                return None;
+            };
+            permit.forget();
+            let message = Message {
+                kind: MessageKind::Binary,
+                payload: Buf(payload),
+            };
+            let sent = reader_cmd.send(Cmd::Message {
+                id: reader_id.clone(),
+                message,
+            });
+            if sent.is_err() {
+                return None;
+            }
+        }
+    };
+    // Agent -> client. Returns when the agent side ended (the client's write half is shut).
+    let writer = async move {
+        while let Some(item) = rx.recv().await {
+            match item {
+                ToClient::Data(message) => {
+                    if crate::byte_pipe::write_chunk(&mut wr, &message.payload.0)
+                        .await
+                        .is_err()
+                    {
+                        return;
+                    }
+                    if shared.to_client_inflight.fetch_sub(1, Ordering::AcqRel) == CLIENT_WINDOW {
+                        let _ = cmd.send(Cmd::Writable { id: id.clone() });
+                    }
+                }
+                ToClient::Closed(close) => {
+                    if close.code != 1000 {
+                        tracing::warn!(stream = %id, code = close.code, reason = %close.reason.as_str(), "upgraded stream ended abnormally");
+                    }
+                    let _ = wr.shutdown().await;
+                    return;
+                }
+                _ => {}
+            }
+        }
+        tracing::warn!(stream = %id, "the agent tunnel went away; ending the upgraded connection");
+        let _ = wr.shutdown().await;
+    };
+    let mut reader = std::pin::pin!(reader);
+    let mut writer = std::pin::pin!(writer);
+    tokio::select! {
+        close = &mut reader => {
+            guard.close = Some(close.unwrap_or_else(|| Close::new(1001, "client went away")));
+        }
+        () = &mut writer => {
+            // The client ends its side after ours; its end (or silence) ends the stream.
+            let _ = tokio::time::timeout(CLOSE_GRACE, &mut reader).await;
+        }
+    }
+}
+
 /// Waits for the agent's response head, then streams the body (chunked) to the client.
 async fn request(stream: ClientStream, metrics: &Metrics, method: Method) -> Response<Body> {
     let ClientStream {
@@ -365,6 +575,29 @@ async fn request(stream: ClientStream, metrics: &Metrics, method: Method) -> Res
         }
         _ => return status_response(502, "the agent tunnel went away"),
     };
+    let stream = ClientStream {
+        rx,
+        shared,
+        guard,
+        life,
+    };
+    head_response(stream, method, status, headers, gzip)
+}
+
+/// The response to a request whose head arrived: status and headers now, the body streamed.
+fn head_response(
+    stream: ClientStream,
+    method: Method,
+    status: u16,
+    headers: Vec<(http::HeaderName, HeaderValue)>,
+    gzip: bool,
+) -> Response<Body> {
+    let ClientStream {
+        rx,
+        shared,
+        guard,
+        life,
+    } = stream;
     let Ok(status) = StatusCode::from_u16(status) else {
         return status_response(502, "the agent reported an invalid status");
     };

@@ -45,7 +45,8 @@ pub(crate) struct Link {
 /// or twice per stream.
 #[derive(Debug)]
 pub(crate) enum ToClient {
-    /// WebSocket: the upstream answered 101 with this subprotocol (empty: none).
+    /// WebSocket or raw upgrade: the upstream answered 101 with this subprotocol (raw upgrade:
+    /// `X-Stream-Protocol-Version`; empty: none).
     Started { subprotocol: String },
     /// The stream or request failed before it started: answer with this status.
     Failed { status: u16, message: String },
@@ -65,14 +66,19 @@ pub(crate) enum ToClient {
     Abort(String),
 }
 
-/// A WebSocket stream to open.
+/// A WebSocket stream, or a raw upgrade, to open.
 #[derive(Debug)]
 pub(crate) struct OpenStream {
     pub(crate) id: String,
     pub(crate) path: String,
     pub(crate) query: String,
     pub(crate) headers: Vec<(Vec<u8>, Vec<u8>)>,
+    /// Offered subprotocols (raw upgrade: `X-Stream-Protocol-Version`s), comma separated.
     pub(crate) protocols: String,
+    /// A raw upgrade: its method and `Upgrade` token. On a tunnel whose agent cannot carry it (a
+    /// PipeOps agent) it goes out as a plain request and the client gets its response
+    /// ([`ToClient::Head`]).
+    pub(crate) upgrade: Option<(String, String)>,
     pub(crate) user: String,
     pub(crate) link: Link,
 }

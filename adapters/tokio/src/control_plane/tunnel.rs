@@ -62,6 +62,7 @@ fn open_error_status(e: &OpenError) -> u16 {
         OpenError::NotRegistered => 502,
         OpenError::TooManyStreams => 503,
         OpenError::Request(_) | OpenError::Method | OpenError::TcpTarget => 400,
+        OpenError::UpgradeUnsupported => 501,
         OpenError::TooLarge { .. } | OpenError::PayloadRefused { .. } => 413,
         OpenError::DuplicateStream | OpenError::StreamId(_) | OpenError::Encode(_) => 500,
     }
@@ -661,6 +662,24 @@ impl Tunnel {
     }
 
     fn open_stream(&mut self, open: OpenStream) {
+        if let Some((method, _)) = &open.upgrade
+            && !self.gw.extensions().raw_upgrade
+        {
+            // A PipeOps agent cannot carry the upgrade: what it can do is a plain request.
+            tracing::info!(cluster = %self.cluster, stream = %open.id, "agent cannot carry raw upgrades: sent as a plain request");
+            let request = OpenRequest {
+                id: open.id,
+                method: method.clone(),
+                path: open.path,
+                query: open.query,
+                headers: open.headers,
+                user: open.user,
+                body: bytes::Bytes::new(),
+                link: open.link,
+            };
+            self.open_request(request);
+            return;
+        }
         let now = self.now();
         let headers: Vec<(&[u8], &[u8])> = open
             .headers
@@ -673,6 +692,7 @@ impl Tunnel {
             query: &open.query,
             headers: &headers.as_slice(),
             protocols: &open.protocols,
+            upgrade: open.upgrade.as_ref().map(|(m, t)| (m.as_str(), t.as_str())),
             user: Some(&open.user),
         };
         match self

@@ -304,6 +304,8 @@ fn every_control_message_decodes_on_the_agent() {
             query: "command=sh".into(),
             headers: &[("Sec-WebSocket-Protocol", "v5.channel.k8s.io")],
             protocol: None,
+            method: None,
+            upgrade: None,
         },
         "s",
         &mut buf,
@@ -311,6 +313,7 @@ fn every_control_message_decodes_on_the_agent() {
         panic!()
     };
     assert!(s.stream_id == "s" && s.method.unwrap() == "GET");
+    assert!(s.upgrade.is_none());
     assert!(
         s.headers
             .get("sec-websocket-protocol")
@@ -359,6 +362,25 @@ fn every_control_message_decodes_on_the_agent() {
         Inbound::decode(&buf[..n]),
         Ok((_, Inbound::Error { error: Some(e) })) if e == "cluster not found"
     ));
+    let mut buf2 = [0u8; 1024];
+    // A raw upgrade carries its method, token and offered protocols.
+    let Inbound::WebSocketStart(raw) = control(
+        &ControlMessage::WebSocketStart {
+            stream_id: "s".into(),
+            path: "/api/v1/namespaces/d/pods/p/exec".into(),
+            query: "command=sh".into(),
+            headers: &[("X-A", "b")],
+            protocol: Some("v4.channel.k8s.io, v3.channel.k8s.io".into()),
+            method: Some("POST".into()),
+            upgrade: Some("SPDY/3.1".into()),
+        },
+        "s",
+        &mut buf2,
+    ) else {
+        panic!()
+    };
+    assert!(raw.method.unwrap() == "POST" && raw.upgrade.unwrap() == "SPDY/3.1");
+    assert!(raw.protocol.unwrap() == "v4.channel.k8s.io, v3.channel.k8s.io");
 }
 
 fn control_golden(msg: &ControlMessage<'_>, id: &str, payload: &str) {

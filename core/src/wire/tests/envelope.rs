@@ -379,6 +379,7 @@ fn other_inbound_types() {
             websocket_close_code: false,
             proxy_error_status: true,
             native: false,
+            raw_upgrade: false,
         }
     );
     let Inbound::RegisterSuccess(r) =

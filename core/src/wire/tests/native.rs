@@ -413,6 +413,8 @@ fn start_msg<'a>(headers: &'a dyn HeaderList, protocol: Option<&'a str>) -> Cont
         query: "command=sh&stdin=true".into(),
         headers,
         protocol: protocol.map(WireStr::from),
+        method: None,
+        upgrade: None,
     }
 }
 
@@ -655,6 +657,7 @@ proptest! {
         query in "[a-z=&%0-9]{0,20}",
         hv in "[ -~é]{0,20}",
         protocol in prop::option::of("[a-z0-9.,]{1,20}"),
+        upgrade in prop::option::of(("(GET|POST)", "[A-Za-z0-9]{1,8}/[0-9.]{1,4}")),
     ) {
         let headers: &[(&str, &str)] = &[("X-A", hv.as_str())];
         let req = StartRequest {
@@ -663,6 +666,8 @@ proptest! {
             query: query.as_str().into(),
             headers: &headers,
             protocol: protocol.as_deref().map(WireStr::from),
+            method: upgrade.as_ref().map(|(m, _)| WireStr::from(m.as_str())),
+            upgrade: upgrade.as_ref().map(|(_, t)| WireStr::from(t.as_str())),
         };
         let mut buf = [0u8; 1024];
         let n = encode_start(&mut buf, stream, &req).unwrap();
@@ -679,6 +684,12 @@ proptest! {
         prop_assert_eq!(
             s.protocol.map(|p| p.raw().to_string()),
             protocol
+        );
+        let method = upgrade.as_ref().map_or("GET", |(m, _)| m.as_str());
+        prop_assert_eq!(s.method.map(|m| m.raw().to_string()), Some(method.to_string()));
+        prop_assert_eq!(
+            s.upgrade.map(|u| u.raw().to_string()),
+            upgrade.map(|(_, t)| t)
         );
     }
 }
