@@ -45,11 +45,24 @@ pub fn is_forwarded(name: &[u8]) -> bool {
 }
 
 /// The client's headers as they reach the agent: [`is_forwarded`] ones in order, then
-/// `Impersonate-User: <user>` when a user is given.
-#[derive(Debug, Clone, Copy)]
+/// `Impersonate-User: <user>` when a user is given, then `Authorization: <bearer>` when the agent
+/// needs the control plane to authenticate for it (a PipeOps agent's `k8s_service_token`).
+#[derive(Clone, Copy)]
 pub(crate) struct Forwarded<'a> {
     pub(crate) inner: &'a dyn HeaderList,
     pub(crate) user: Option<&'a str>,
+    pub(crate) bearer: Option<&'a str>,
+}
+
+impl core::fmt::Debug for Forwarded<'_> {
+    // The bearer is a credential: never printed.
+    fn fmt(&self, f: &mut core::fmt::Formatter<'_>) -> core::fmt::Result {
+        f.debug_struct("Forwarded")
+            .field("inner", &self.inner)
+            .field("user", &self.user)
+            .field("bearer", &self.bearer.map(|_| "<redacted>"))
+            .finish()
+    }
 }
 
 impl Forwarded<'_> {
@@ -80,16 +93,17 @@ impl Forwarded<'_> {
 
 impl HeaderList for Forwarded<'_> {
     fn count(&self) -> usize {
-        self.kept().count() + usize::from(self.user.is_some())
+        self.kept().count() + usize::from(self.user.is_some()) + usize::from(self.bearer.is_some())
     }
 
     fn pair(&self, i: usize) -> (&[u8], &[u8]) {
-        match self.kept().nth(i) {
-            Some(pair) => pair,
-            None => match self.user {
-                Some(user) => (b"Impersonate-User", user.as_bytes()),
-                None => (&[], &[]),
-            },
-        }
+        let added = [
+            self.user.map(|u| (&b"Impersonate-User"[..], u.as_bytes())),
+            self.bearer.map(|b| (&b"Authorization"[..], b.as_bytes())),
+        ];
+        self.kept()
+            .chain(added.into_iter().flatten())
+            .nth(i)
+            .unwrap_or((&[], &[]))
     }
 }

@@ -214,7 +214,14 @@ struct Session {
     last_wire: u32,
     /// Ping and read-deadline timers.
     keepalive: Keepalive,
+    /// `Bearer <k8s_service_token>` of an agent that registered without Tether's extensions
+    /// (a PipeOps agent): sent as `Authorization` on every request and stream it carries, since
+    /// that agent expects the control plane to authenticate for it. Empty otherwise. Never logged.
+    upstream_bearer: String<MAX_BEARER>,
 }
+
+/// Longest `Authorization: Bearer <k8s_service_token>` value kept for a PipeOps agent.
+pub const MAX_BEARER: usize = 4096;
 
 /// The control-plane side of one agent tunnel, for up to `STREAMS` concurrent streams and requests,
 /// each with two rings of `RING` messages of type `M`. See the [module docs](self).
@@ -222,8 +229,8 @@ struct Session {
 /// # Memory
 ///
 /// Without tether-core's `alloc` feature everything is inline: about
-/// `STREAMS * (2 * RING * size_of::<Message<M>>() + 500)` bytes plus about 6 KiB of session state
-/// (box it). With `alloc` (std adapters) the table and the rings live on the heap and grow with
+/// `STREAMS * (2 * RING * size_of::<Message<M>>() + 500)` bytes plus about 10 KiB of session state
+/// (box it; 4 KiB of it is a PipeOps agent's bearer token). With `alloc` (std adapters) the table and the rings live on the heap and grow with
 /// use, so `STREAMS` is only a limit and an idle tunnel costs a few KiB.
 pub struct Gateway<M, const STREAMS: usize, const RING: usize = DEFAULT_RING_MESSAGES> {
     config: Config,
@@ -330,6 +337,12 @@ impl<M: PayloadBuf, const STREAMS: usize, const RING: usize> Gateway<M, STREAMS,
     // ---------------------------------------------------------------------------------------------
     // Client input
 
+    /// The `Authorization` value a PipeOps agent expects on what it carries, when it sent one.
+    fn upstream_bearer(&self) -> Option<&str> {
+        let bearer = self.session.upstream_bearer.as_str();
+        (!bearer.is_empty()).then_some(bearer)
+    }
+
     /// Opens a WebSocket stream for a client upgrade: validates `req`, registers the stream
     /// `Opening` and queues `proxy_websocket_start` (encoded now into `scratch`, stamped with
     /// `unix_time`, kept in an `M` until transmitted). Answer the client after [`Event::Started`] or
@@ -359,6 +372,7 @@ impl<M: PayloadBuf, const STREAMS: usize, const RING: usize> Gateway<M, STREAMS,
         let headers = Forwarded {
             inner: req.headers,
             user: req.user,
+            bearer: self.upstream_bearer(),
         };
         headers.validate()?;
         let message = ControlMessage::WebSocketStart {
@@ -426,6 +440,7 @@ impl<M: PayloadBuf, const STREAMS: usize, const RING: usize> Gateway<M, STREAMS,
         let headers = Forwarded {
             inner: req.headers,
             user: req.user,
+            bearer: self.upstream_bearer(),
         };
         headers.validate()?;
         let message = ControlMessage::ProxyRequest {
@@ -685,12 +700,26 @@ impl<M: PayloadBuf, const STREAMS: usize, const RING: usize> Gateway<M, STREAMS,
             AgentMessage::Register {
                 agent_id,
                 extensions,
+                payload,
                 ..
             } => {
                 let ours = self.config.extensions;
                 let s = &mut self.session;
                 s.agent_id = agent_id.map(|a| truncated(a.chars())).unwrap_or_default();
                 s.extensions = ours.common(extensions);
+                s.upstream_bearer.clear();
+                if extensions == Extensions::NONE {
+                    let token = payload.get("k8s_service_token").and_then(|v| v.as_str());
+                    if let Some(token) = token.filter(|t| !t.is_empty()) {
+                        match bearer_of(token) {
+                            Some(bearer) => s.upstream_bearer = bearer,
+                            None => warn!(
+                                "agent {}: k8s_service_token unusable (too long or not a header value); requests go without it",
+                                s.agent_id.as_str()
+                            ),
+                        }
+                    }
+                }
                 let request_id = reply_id(env.request_id);
                 info!(
                     "agent {} registering as cluster {}",
@@ -1831,4 +1860,15 @@ fn toward_agent<M: PayloadBuf, const STREAMS: usize, const RING: usize>(
 
 fn reply_id(id: Option<JsonStr<'_>>) -> String<MAX_REPLY_ID> {
     id.map(|id| truncated(id.chars())).unwrap_or_default()
+}
+
+/// `Bearer <token>` for a registered `k8s_service_token`, when it fits and is a valid header value.
+fn bearer_of(token: crate::wire::JsonStr<'_>) -> Option<String<MAX_BEARER>> {
+    let mut bearer = String::new();
+    bearer.push_str("Bearer ").ok()?;
+    for c in token.chars() {
+        bearer.push(c).ok()?;
+    }
+    crate::relay::validate_header_value(bearer.chars()).ok()?;
+    Some(bearer)
 }

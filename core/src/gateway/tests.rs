@@ -443,6 +443,73 @@ fn raw_upgrade_is_refused_on_a_pipeops_tunnel() {
     assert!(h.take_sent().is_empty());
 }
 
+fn register_with_token(extensions: &str) -> String {
+    format!(
+        r#"{{"type":"register","request_id":"req_1_a1","payload":{{"agent_id":"a1","name":"edge","k8s_service_token":"sa.jwt-TOKEN"{extensions}}}}}"#
+    )
+}
+
+#[test]
+fn pipeops_agent_gets_its_service_token_as_bearer() {
+    let mut h = Harness::new();
+    h.feed(&register_with_token("")).unwrap();
+    h.drive();
+    h.take_sent();
+    h.request("r1").unwrap();
+    h.open("s1").unwrap();
+    let sent = h.take_sent();
+    assert_eq!(sent[0].kind, "proxy_request");
+    assert!(
+        sent[0]
+            .raw
+            .contains(r#""Impersonate-User":["alice"],"Authorization":["Bearer sa.jwt-TOKEN"]"#),
+        "{}",
+        sent[0].raw
+    );
+    assert_eq!(sent[1].kind, "proxy_websocket_start");
+    assert!(
+        sent[1]
+            .raw
+            .contains(r#""Authorization":["Bearer sa.jwt-TOKEN"]"#),
+        "{}",
+        sent[1].raw
+    );
+    // The credential never shows in a debug print of the forwarded headers.
+    let headers = Forwarded {
+        inner: &KUBECTL_HEADERS,
+        user: None,
+        bearer: Some("Bearer sa.jwt-TOKEN"),
+    };
+    assert!(!format!("{headers:?}").contains("TOKEN"));
+}
+
+#[test]
+fn tether_agent_never_receives_a_service_token() {
+    // An agent offering Tether's extensions authenticates upstream itself.
+    let mut h = Harness::new();
+    h.feed(&register_with_token(
+        r#","extensions":{"websocket_started":true}"#,
+    ))
+    .unwrap();
+    h.drive();
+    h.take_sent();
+    h.request("r1").unwrap();
+    h.open("s1").unwrap();
+    for sent in h.take_sent() {
+        assert!(!sent.raw.contains("TOKEN"), "{}", sent.raw);
+        assert!(!sent.raw.contains("Authorization"), "{}", sent.raw);
+    }
+    // A token with a line break is never put in a header.
+    let mut h = Harness::new();
+    h.feed(&register_with_token("").replace("sa.jwt-TOKEN", r"a\r\nX-Evil: 1"))
+        .unwrap();
+    h.drive();
+    h.take_sent();
+    h.request("r1").unwrap();
+    let sent = h.take_sent();
+    assert!(!sent[0].raw.contains("Authorization"), "{}", sent[0].raw);
+}
+
 #[test]
 fn golden_data_close_cancel_request() {
     let mut h = Harness::registered(true);

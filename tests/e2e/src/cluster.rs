@@ -473,6 +473,11 @@ impl Cluster {
         }
     }
 
+    /// The control plane's address (panics without one).
+    pub fn control_plane_addr(&self) -> SocketAddr {
+        self.cp_addr.expect("a control plane")
+    }
+
     /// A raw `GET` of `path` on the control plane itself (not below `/clusters/…`) with `token`.
     pub fn control_plane_get(&self, path: &str, token: &str) -> Result<https::Response, String> {
         let addr = self.cp_addr.expect("a control plane");

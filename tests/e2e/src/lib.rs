@@ -8,6 +8,7 @@
 //! * [`kubectl`]: runs the real kubectl (`/usr/bin/kubectl`, v1.32) and collects its results.
 //! * [`scripted`]: a scripted control plane (WebSocket server, TLS or plain) for driving the
 //!   agent message by message.
+//! * [`pipeops_agent`]: a scripted agent that behaves as the incumbent PipeOps agent.
 //! * [`connect_proxy`]: an HTTP CONNECT proxy for the agent's proxy tests.
 //! * [`data`]: deterministic payloads and checksums; [`https`]: a tiny HTTPS client;
 //!   [`tls`]: throwaway certificates; [`proc`]: child processes with log files.
@@ -20,6 +21,7 @@ pub mod connect_proxy;
 pub mod data;
 pub mod https;
 pub mod kubectl;
+pub mod pipeops_agent;
 pub mod proc;
 pub mod scripted;
 pub mod terminal;
