@@ -54,7 +54,7 @@ async fn pipeops_agent_gets_its_service_token_as_the_bearer() {
     for r in &requests {
         assert_eq!(
             r.header("Authorization"),
-            [bearer.clone()],
+            [bearer.as_str()],
             "{:?}",
             r.payload
         );
@@ -74,7 +74,7 @@ async fn pipeops_agent_gets_its_service_token_as_the_bearer() {
         .iter()
         .find(|s| s.kind == "proxy_websocket_start")
         .expect("kubectl exec reached the agent");
-    assert_eq!(start.header("Authorization"), [bearer.clone()]);
+    assert_eq!(start.header("Authorization"), [bearer.as_str()]);
     assert!(start.payload.get("upgrade").is_none());
 
     // kubectl exec over SPDY: a PipeOps agent cannot carry raw upgrades, so it gets a plain
@@ -93,7 +93,7 @@ async fn pipeops_agent_gets_its_service_token_as_the_bearer() {
         .expect("the SPDY exec reached the agent");
     assert_eq!(plain.payload["method"], "POST");
     assert!(plain.payload["path"].as_str().unwrap().ends_with("/exec"));
-    assert_eq!(plain.header("Authorization"), [bearer.clone()]);
+    assert_eq!(plain.header("Authorization"), [bearer.as_str()]);
     assert!(
         seen.iter().all(|s| s.payload.get("upgrade").is_none()),
         "a PipeOps agent never sees a raw upgrade"
