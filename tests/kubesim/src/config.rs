@@ -45,8 +45,13 @@ impl std::str::FromStr for PodSpec {
     }
 }
 
+/// RFC 1123 subdomain: dot-separated DNS labels, at most 253 characters (ConfigMap names).
+pub(crate) fn is_dns_subdomain(s: &str) -> bool {
+    !s.is_empty() && s.len() <= 253 && s.split('.').all(is_dns_label)
+}
+
 /// RFC 1123 label: 1-63 of `[a-z0-9-]`, alphanumeric at both ends.
-fn is_dns_label(s: &str) -> bool {
+pub(crate) fn is_dns_label(s: &str) -> bool {
     !s.is_empty()
         && s.len() <= 63
         && s.bytes()

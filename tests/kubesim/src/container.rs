@@ -1,5 +1,5 @@
-//! A container's long-running main process (`sh` reading stdin), its log file, and the
-//! attach fan-out.
+//! A container's long-running main process (`sh` reading stdin, or the pod's command), its log
+//! file, and the attach fan-out.
 //!
 //! Contract:
 //! * The main process starts with the pod, in the pod's working directory, with piped stdin,
@@ -58,18 +58,24 @@ pub struct Container {
 }
 
 impl Container {
-    /// Starts `sh` for container `name` in `workdir`, logging to `log_path`.
+    /// Starts `argv` (`sh` when empty) for container `name` in `workdir`, logging to
+    /// `log_path`.
     pub fn start(
         name: &str,
         workdir: &Path,
         log_path: PathBuf,
         env: &[(String, String)],
+        argv: &[String],
     ) -> std::io::Result<std::sync::Arc<Self>> {
         let log_file = std::fs::OpenOptions::new()
             .create(true)
             .append(true)
             .open(&log_path)?;
-        let mut child = tokio::process::Command::new("sh")
+        let (program, args) = argv
+            .split_first()
+            .map_or(("sh", &[][..]), |(p, a)| (p.as_str(), a));
+        let mut child = tokio::process::Command::new(program)
+            .args(args)
             .current_dir(workdir)
             .env_clear()
             .envs(env.iter().map(|(k, v)| (k, v)))

@@ -32,7 +32,7 @@ pub fn apis() -> Value {
     json!({"kind": "APIGroupList", "apiVersion": "v1", "groups": []})
 }
 
-/// `GET /api/v1`: pods and their streaming subresources, namespaces.
+/// `GET /api/v1`: pods (with their streaming subresources), ConfigMaps, namespaces.
 pub fn api_v1() -> Value {
     json!({
         "kind": "APIResourceList",
@@ -41,8 +41,10 @@ pub fn api_v1() -> Value {
         "resources": [
             {"name": "namespaces", "singularName": "namespace", "namespaced": false, "kind": "Namespace",
              "verbs": ["get", "list"], "shortNames": ["ns"]},
+            {"name": "configmaps", "singularName": "configmap", "namespaced": true, "kind": "ConfigMap",
+             "verbs": ["create", "delete", "get", "list", "patch", "update", "watch"], "shortNames": ["cm"]},
             {"name": "pods", "singularName": "pod", "namespaced": true, "kind": "Pod",
-             "verbs": ["get", "list"], "shortNames": ["po"], "categories": ["all"]},
+             "verbs": ["create", "delete", "get", "list", "patch", "update", "watch"], "shortNames": ["po"], "categories": ["all"]},
             {"name": "pods/attach", "singularName": "", "namespaced": true, "kind": "PodAttachOptions",
              "verbs": ["create", "get"]},
             {"name": "pods/exec", "singularName": "", "namespaced": true, "kind": "PodExecOptions",
@@ -51,5 +53,42 @@ pub fn api_v1() -> Value {
             {"name": "pods/portforward", "singularName": "", "namespaced": true, "kind": "PodPortForwardOptions",
              "verbs": ["create", "get"]},
         ],
+    })
+}
+
+/// `GET /openapi/v3`: the index kubectl reads before `apply`/`create` to learn whether the
+/// server validates fields itself (`fieldValidation`); only `api/v1` is listed.
+pub fn openapi_v3_root() -> Value {
+    json!({"paths": {"api/v1": {"serverRelativeURL": "/openapi/v3/api/v1?hash=kubesim1"}}})
+}
+
+/// `GET /openapi/v3/api/v1`: just enough of the spec for kubectl's query-parameter check: a
+/// PATCH operation per stored kind that takes `fieldValidation` (so kubectl asks the server to
+/// validate, with `fieldValidation=Strict`, instead of downloading schemas to validate itself).
+/// No schemas: kubectl then computes strategic merge patches from its built-in types.
+pub fn openapi_v3_api_v1() -> Value {
+    let op = |kind: &str| {
+        json!({
+            "patch": {
+                "operationId": format!("patchCoreV1Namespaced{kind}"),
+                "parameters": [
+                    {"name": "dryRun", "in": "query", "schema": {"type": "string"}},
+                    {"name": "fieldManager", "in": "query", "schema": {"type": "string"}},
+                    {"name": "fieldValidation", "in": "query", "schema": {"type": "string"}},
+                ],
+                "responses": {"200": {"description": "OK"}},
+                "x-kubernetes-action": "patch",
+                "x-kubernetes-group-version-kind": {"group": "", "version": "v1", "kind": kind},
+            }
+        })
+    };
+    json!({
+        "openapi": "3.0.0",
+        "info": {"title": "Kubernetes (kubesim)", "version": "v1.32.4"},
+        "paths": {
+            "/api/v1/namespaces/{namespace}/pods/{name}": op("Pod"),
+            "/api/v1/namespaces/{namespace}/configmaps/{name}": op("ConfigMap"),
+        },
+        "components": {"schemas": {}},
     })
 }

@@ -32,6 +32,7 @@ use crate::query::Query;
 use crate::record::{RecordedRequest, Recorder};
 use crate::session::Session;
 use crate::status::ApiError;
+use crate::store::Resource;
 
 /// Response body type.
 pub type Body = BoxBody<Bytes, Infallible>;
@@ -42,8 +43,10 @@ pub struct State {
     pub recorder: Recorder,
     /// Required bearer token.
     pub token: Option<String>,
-    /// The pods.
+    /// The pods' processes.
     pub pods: Pods,
+    /// Every stored object (pods, ConfigMaps).
+    pub store: Arc<crate::store::Store>,
     /// Address advertised in `/api`.
     pub advertise: String,
     /// Refuse WebSocket upgrades, as an API server older than 1.30 (kubectl falls back to SPDY).
@@ -64,7 +67,7 @@ fn json_response(code: StatusCode, body: Vec<u8>) -> Response<Body> {
     resp
 }
 
-fn ok_json(value: &serde_json::Value) -> Response<Body> {
+pub(crate) fn ok_json(value: &serde_json::Value) -> Response<Body> {
     json_response(
         StatusCode::OK,
         serde_json::to_vec(value).expect("JSON serialises"),
@@ -140,21 +143,24 @@ async fn route(state: &Arc<State>, req: Request<Incoming>) -> Result<Response<Bo
         ["api"] => get_only(ok_json(&crate::discovery::api(&state.advertise))),
         ["apis"] => get_only(ok_json(&crate::discovery::apis())),
         ["api", "v1"] => get_only(ok_json(&crate::discovery::api_v1())),
+        ["openapi", "v3"] => get_only(ok_json(&crate::discovery::openapi_v3_root())),
+        ["openapi", "v3", "api", "v1"] => get_only(ok_json(&crate::discovery::openapi_v3_api_v1())),
         ["healthz" | "livez" | "readyz"] => get_only(Response::new(full("ok"))),
         ["api", "v1", "namespaces"] => get_only(ok_json(&state.pods.namespace_list_json())),
         ["api", "v1", "namespaces", ns] => get_only(ok_json(&state.pods.namespace_json(ns)?)),
-        ["api", "v1", "pods"] => get_only(list_pods(state, None, table)),
-        ["api", "v1", "namespaces", ns, "pods"] => get_only(list_pods(state, Some(ns), table)),
-        ["api", "v1", "namespaces", ns, "pods", name] => {
-            let pod = state.pods.get(ns, name)?;
-            if table {
-                get_only(ok_json(&crate::table::pods(
-                    &[&pod],
-                    crate::pods::unix_now(),
-                )))
-            } else {
-                get_only(ok_json(&pod.to_json()))
-            }
+        ["api", "v1", plural] if Resource::from_plural(plural).is_some() => {
+            let resource = Resource::from_plural(plural).expect("checked");
+            crate::objects::collection(state, resource, None, req, table).await
+        }
+        ["api", "v1", "namespaces", ns, plural] if Resource::from_plural(plural).is_some() => {
+            let resource = Resource::from_plural(plural).expect("checked");
+            crate::objects::collection(state, resource, Some(ns), req, table).await
+        }
+        ["api", "v1", "namespaces", ns, plural, name]
+            if Resource::from_plural(plural).is_some() =>
+        {
+            let resource = Resource::from_plural(plural).expect("checked");
+            crate::objects::object(state, resource, ns, name, req, table).await
         }
         ["api", "v1", "namespaces", ns, "pods", name, "log"] => {
             if req.method() != Method::GET {
@@ -176,16 +182,6 @@ async fn route(state: &Arc<State>, req: Request<Incoming>) -> Result<Response<Bo
             streaming(pod, sub, req, state.no_websocket)
         }
         _ => Err(ApiError::no_route()),
-    }
-}
-
-fn list_pods(state: &State, namespace: Option<&str>, table: bool) -> Response<Body> {
-    if table {
-        let pods = state.pods.list(namespace);
-        let refs: Vec<&Pod> = pods.iter().map(|p| p.as_ref()).collect();
-        ok_json(&crate::table::pods(&refs, crate::pods::unix_now()))
-    } else {
-        ok_json(&state.pods.list_json(namespace))
     }
 }
 

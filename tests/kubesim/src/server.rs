@@ -28,12 +28,14 @@ impl Server {
         let addr = listener
             .local_addr()
             .map_err(|e| format!("cannot read the bound address: {e}"))?;
-        let pods = Pods::start(&config.pods, config.root.as_deref())
+        let store = Arc::new(crate::store::Store::new());
+        let pods = Pods::start(&config.pods, config.root.as_deref(), store.clone())
             .map_err(|e| format!("cannot start pods: {e}"))?;
         let state = Arc::new(State {
             recorder: Default::default(),
             token: config.token.clone(),
             pods,
+            store,
             advertise: addr.to_string(),
             no_websocket: config.no_websocket,
         });

@@ -4,7 +4,7 @@
 
 use serde_json::{Value, json};
 
-use crate::pods::Pod;
+use crate::store::Resource;
 
 /// Whether the `Accept` header asks for a Table.
 pub fn wants_table(accept: Option<&str>) -> bool {
@@ -16,56 +16,134 @@ pub fn wants_table(accept: Option<&str>) -> bool {
     })
 }
 
-/// A pods Table (one row per pod); `now` is the current Unix time in seconds.
-pub fn pods(pods: &[&Pod], now: u64) -> Value {
-    let col = |name: &str, format: &str, priority: u8, description: &str| json!({"name": name, "type": "string", "format": format, "description": description, "priority": priority});
-    let rows: Vec<Value> = pods
-        .iter()
-        .map(|p| {
-            let total = p.containers().len();
-            let ready = p
-                .containers()
-                .iter()
-                .filter(|c| c.exit_code().is_none())
-                .count();
-            let status = match p.phase() {
-                "Running" => "Running",
-                "Succeeded" => "Completed",
-                _ => "Error",
-            };
-            json!({
-                "cells": [
-                    p.spec.name,
-                    format!("{ready}/{total}"),
-                    status,
-                    "0",
-                    human_duration(now.saturating_sub(p.created_unix())),
-                    "127.0.0.1",
-                    "kubesim",
-                ],
-                "object": {
-                    "kind": "PartialObjectMetadata",
-                    "apiVersion": "meta.k8s.io/v1",
-                    "metadata": p.to_json()["metadata"].clone(),
-                },
-            })
-        })
-        .collect();
+fn col(name: &str, format: &str, priority: u8, description: &str) -> Value {
+    json!({"name": name, "type": "string", "format": format, "description": description, "priority": priority})
+}
+
+fn age(object: &Value, now: u64) -> String {
+    let created = object["metadata"]["creationTimestamp"]
+        .as_str()
+        .and_then(crate::pods::parse_rfc3339)
+        .unwrap_or(now);
+    human_duration(now.saturating_sub(created))
+}
+
+fn row(cells: Vec<Value>, object: &Value) -> Value {
+    json!({
+        "cells": cells,
+        "object": {
+            "kind": "PartialObjectMetadata",
+            "apiVersion": "meta.k8s.io/v1",
+            "metadata": object["metadata"].clone(),
+        },
+    })
+}
+
+fn table(columns: Vec<Value>, rows: Vec<Value>, rv: u64) -> Value {
     json!({
         "kind": "Table",
         "apiVersion": "meta.k8s.io/v1",
-        "metadata": {"resourceVersion": "1"},
-        "columnDefinitions": [
+        "metadata": {"resourceVersion": rv.to_string()},
+        "columnDefinitions": columns,
+        "rows": rows,
+    })
+}
+
+/// A Table of `objects` (rendered pods or ConfigMaps) at resourceVersion `rv`; `now` is the
+/// current Unix time in seconds.
+pub fn of(resource: Resource, objects: &[Value], now: u64, rv: u64) -> Value {
+    match resource {
+        Resource::Pods => pods(objects, now, rv),
+        Resource::ConfigMaps => configmaps(objects, now, rv),
+    }
+}
+
+/// A pods Table: NAME READY STATUS RESTARTS AGE (IP NODE with `-o wide`).
+fn pods(pods: &[Value], now: u64, rv: u64) -> Value {
+    let rows: Vec<Value> = pods
+        .iter()
+        .map(|p| {
+            let statuses = p["status"]["containerStatuses"]
+                .as_array()
+                .cloned()
+                .unwrap_or_default();
+            let total = p["spec"]["containers"].as_array().map_or(0, Vec::len);
+            let ready = statuses.iter().filter(|c| c["ready"] == true).count();
+            let status = match p["status"]["phase"].as_str() {
+                Some("Running") => "Running",
+                Some("Succeeded") => "Completed",
+                Some(_) => "Error",
+                None => "Terminating",
+            };
+            row(
+                vec![
+                    p["metadata"]["name"].clone(),
+                    json!(format!("{ready}/{total}")),
+                    json!(status),
+                    json!("0"),
+                    json!(age(p, now)),
+                    json!("127.0.0.1"),
+                    json!("kubesim"),
+                ],
+                p,
+            )
+        })
+        .collect();
+    table(
+        vec![
             col("Name", "name", 0, "Name must be unique within a namespace."),
-            col("Ready", "", 0, "The aggregate readiness state of this pod for accepting traffic."),
-            col("Status", "", 0, "The aggregate status of the containers in this pod."),
-            col("Restarts", "", 0, "The number of times the containers in this pod have been restarted."),
+            col(
+                "Ready",
+                "",
+                0,
+                "The aggregate readiness state of this pod for accepting traffic.",
+            ),
+            col(
+                "Status",
+                "",
+                0,
+                "The aggregate status of the containers in this pod.",
+            ),
+            col(
+                "Restarts",
+                "",
+                0,
+                "The number of times the containers in this pod have been restarted.",
+            ),
             col("Age", "", 0, "Time since the pod was created."),
             col("IP", "", 1, "IP address allocated to the pod."),
             col("Node", "", 1, "Name of the node the pod is assigned to."),
         ],
-        "rows": rows,
-    })
+        rows,
+        rv,
+    )
+}
+
+/// A ConfigMaps Table: NAME DATA AGE.
+fn configmaps(maps: &[Value], now: u64, rv: u64) -> Value {
+    let rows = maps
+        .iter()
+        .map(|m| {
+            let count = |f: &str| m[f].as_object().map_or(0, serde_json::Map::len);
+            row(
+                vec![
+                    m["metadata"]["name"].clone(),
+                    json!(count("data") + count("binaryData")),
+                    json!(age(m, now)),
+                ],
+                m,
+            )
+        })
+        .collect();
+    table(
+        vec![
+            col("Name", "name", 0, "Name must be unique within a namespace."),
+            json!({"name": "Data", "type": "integer", "format": "", "description": "Number of keys.", "priority": 0}),
+            col("Age", "", 0, "Time since the ConfigMap was created."),
+        ],
+        rows,
+        rv,
+    )
 }
 
 /// Kubernetes' `HumanDuration` (`45s`, `3m20s`, `2h5m`, `3d4h`, ...).
