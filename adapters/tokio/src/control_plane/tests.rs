@@ -73,8 +73,17 @@ async fn ws_connect(
     tokio_tungstenite::client_async(req, tcp).await
 }
 
-/// A scripted agent, registered as cluster c1 with all Tether extensions.
+/// A scripted agent, registered as cluster c1 with the compat Tether extensions.
 async fn agent(addr: SocketAddr) -> Ws {
+    agent_with(
+        addr,
+        json!({"websocket_started": true, "websocket_close_code": true, "proxy_error_status": true}),
+    )
+    .await
+}
+
+/// A scripted agent registered as cluster c1 offering `extensions`.
+async fn agent_with(addr: SocketAddr, extensions: Value) -> Ws {
     let (mut ws, _) = ws_connect(
         addr,
         AGENT_PATH,
@@ -88,7 +97,7 @@ async fn agent(addr: SocketAddr) -> Ws {
         "payload": {
             "agent_id": "agent-1",
             "name": "edge",
-            "extensions": {"websocket_started": true, "websocket_close_code": true, "proxy_error_status": true}
+            "extensions": extensions
         },
         "timestamp": "2026-11-26T10:00:00Z"
     });
@@ -274,6 +283,120 @@ async fn exec_websocket_through_a_scripted_agent() {
         }
     };
     assert_eq!(close.unwrap().code, CloseCode::Normal);
+}
+
+fn spdy_exec_request() -> String {
+    format!(
+        "POST /clusters/c1/api/v1/namespaces/default/pods/demo/exec?command=sh&stdin=true HTTP/1.1\r\nHost: cp\r\nAuthorization: Bearer {USER_TOKEN}\r\nConnection: Upgrade\r\nUpgrade: SPDY/3.1\r\nX-Stream-Protocol-Version: v4.channel.k8s.io\r\nX-Stream-Protocol-Version: v3.channel.k8s.io\r\nContent-Length: 0\r\n\r\n"
+    )
+}
+
+/// Reads an HTTP response head (to the blank line) from `s`.
+async fn read_head(s: &mut TcpStream) -> String {
+    let mut head = Vec::new();
+    let mut byte = [0u8; 1];
+    while !head.ends_with(b"\r\n\r\n") {
+        let n = tokio::time::timeout(Duration::from_secs(5), s.read(&mut byte))
+            .await
+            .expect("response head in time")
+            .unwrap();
+        assert_eq!(n, 1, "connection closed in the head: {head:?}");
+        head.push(byte[0]);
+    }
+    String::from_utf8(head).unwrap().to_ascii_lowercase()
+}
+
+#[tokio::test]
+async fn spdy_upgrade_is_answered_after_the_upstream_then_carries_bytes_both_ways() {
+    let dir = tempfile::tempdir().unwrap();
+    let (addr, _stop) = start(dir.path()).await;
+    let mut agent = agent_with(addr, json!({"websocket_started": true, "websocket_close_code": true, "proxy_error_status": true, "raw_upgrade": true})).await;
+    let mut client = TcpStream::connect(addr).await.unwrap();
+    client
+        .write_all(spdy_exec_request().as_bytes())
+        .await
+        .unwrap();
+
+    let start = recv_json(&mut agent).await;
+    assert_eq!(start["type"], "proxy_websocket_start");
+    let p = &start["payload"];
+    let stream = p["stream_id"].as_str().unwrap().to_string();
+    assert_eq!(p["method"], "POST");
+    assert_eq!(p["upgrade"], "SPDY/3.1");
+    assert_eq!(p["protocol"], "v4.channel.k8s.io, v3.channel.k8s.io");
+    let names: Vec<String> = p["headers"]
+        .as_object()
+        .unwrap()
+        .keys()
+        .map(|k| k.to_ascii_lowercase())
+        .collect();
+    for dropped in [
+        "x-stream-protocol-version",
+        "upgrade",
+        "connection",
+        "authorization",
+    ] {
+        assert!(
+            !names.contains(&dropped.to_string()),
+            "{dropped} forwarded: {names:?}"
+        );
+    }
+
+    agent_send(
+        &mut agent,
+        json!({"type": "proxy_websocket_started", "request_id": stream, "payload": {"stream_id": stream, "protocol": "v4.channel.k8s.io"}}),
+    )
+    .await;
+    let head = read_head(&mut client).await;
+    assert!(head.starts_with("http/1.1 101"), "{head}");
+    assert!(head.contains("upgrade: spdy/3.1\r\n"), "{head}");
+    assert!(
+        head.contains("x-stream-protocol-version: v4.channel.k8s.io\r\n"),
+        "{head}"
+    );
+
+    // Client bytes reach the agent as binary messages, in order, whatever their chunking.
+    let sent: Vec<u8> = (0..100_000u32).map(|i| (i % 251) as u8).collect();
+    client.write_all(&sent).await.unwrap();
+    let mut got = Vec::new();
+    while got.len() < sent.len() {
+        let m = recv_json(&mut agent).await;
+        assert_eq!(m["type"], "proxy_websocket_data");
+        let frame = unb64(&m["payload"]["data"]);
+        assert_eq!(frame[0], 2, "binary");
+        got.extend_from_slice(&frame[1..]);
+    }
+    assert_eq!(got, sent);
+
+    // Agent bytes reach the client raw; the upstream's close ends the connection after them.
+    agent_send(&mut agent, data(&stream, 2, b"\x80\x03\x00\x02reply")).await;
+    agent_send(
+        &mut agent,
+        json!({"type": "proxy_websocket_close", "request_id": stream, "payload": {"stream_id": stream, "code": 1000, "reason": ""}}),
+    )
+    .await;
+    let mut rest = Vec::new();
+    tokio::time::timeout(Duration::from_secs(5), client.read_to_end(&mut rest))
+        .await
+        .expect("the connection ends")
+        .unwrap();
+    assert_eq!(rest, b"\x80\x03\x00\x02reply");
+
+    // A refusal reaches the client with the upstream's status.
+    let mut client = TcpStream::connect(addr).await.unwrap();
+    client
+        .write_all(spdy_exec_request().as_bytes())
+        .await
+        .unwrap();
+    let start = recv_json(&mut agent).await;
+    let stream = start["payload"]["stream_id"].as_str().unwrap().to_string();
+    agent_send(
+        &mut agent,
+        json!({"type": "proxy_error", "request_id": stream, "payload": {"request_id": stream, "error": "unable to upgrade connection", "status": 403}}),
+    )
+    .await;
+    let head = read_head(&mut client).await;
+    assert!(head.starts_with("http/1.1 403"), "{head}");
 }
 
 #[tokio::test]
