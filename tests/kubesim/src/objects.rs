@@ -50,7 +50,10 @@ pub async fn collection(
                         .map_err(|_| ApiError::bad_request(format!("invalid limit {l:?}")))?,
                     None => 0,
                 },
-                continue_token: query.get("continue").map(str::to_string),
+                continue_token: query
+                    .get("continue")
+                    .filter(|c| !c.is_empty())
+                    .map(str::to_string),
             };
             if matches!(query.get("watch"), Some("true" | "1")) {
                 watch(state, resource, namespace, &opts, &query, table)
