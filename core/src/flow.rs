@@ -1,5 +1,7 @@
 //! Reading flow notices shared by the relay and the gateway.
 
+use crate::time::{Duration, Instant};
+
 /// A pending "stop/resume reading" notice; a later notice replaces an unpolled earlier one.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 pub(crate) enum Flow {
@@ -13,6 +15,8 @@ pub(crate) enum Flow {
 pub(crate) struct TunnelPause<B> {
     blocked: Option<B>,
     notice: Option<Flow>,
+    /// When the current pause began.
+    since: Option<Instant>,
 }
 
 impl<B> TunnelPause<B> {
@@ -21,15 +25,17 @@ impl<B> TunnelPause<B> {
         Self {
             blocked: None,
             notice: None,
+            since: None,
         }
     }
 
-    /// Pauses the reader until `blocker` is lifted (replacing what it waited for). Returns whether
-    /// the reader was running, in which case a pause notice is owed.
-    pub(crate) fn block(&mut self, blocker: B) -> bool {
+    /// Pauses the reader at `now` until `blocker` is lifted (replacing what it waited for).
+    /// Returns whether the reader was running, in which case a pause notice is owed.
+    pub(crate) fn block(&mut self, blocker: B, now: Instant) -> bool {
         let paused = self.blocked.is_none();
         if paused {
             self.notice = Some(Flow::Stop);
+            self.since = Some(now);
         }
         self.blocked = Some(blocker);
         paused
@@ -43,13 +49,20 @@ impl<B> TunnelPause<B> {
     /// Lets the reader run again and owes a resume notice.
     pub(crate) fn resume(&mut self) {
         self.blocked = None;
+        self.since = None;
         self.notice = Some(Flow::Resume);
     }
 
     /// Forgets the pause and any owed notice (the tunnel is gone).
     pub(crate) fn clear(&mut self) {
         self.blocked = None;
+        self.since = None;
         self.notice = None;
+    }
+
+    /// When a pause that lasts `limit` is over its limit; `None` while the reader runs.
+    pub(crate) fn limit_at(&self, limit: Duration) -> Option<Instant> {
+        self.since.map(|since| since + limit)
     }
 
     /// The owed pause/resume notice, if any; clears it.

@@ -25,6 +25,10 @@ pub struct Config {
     /// Tunnel silence after which [`Event::TunnelDead`](super::Event::TunnelDead) fires (default
     /// 60 s).
     pub read_deadline: Duration,
+    /// Compat wire mode: how long one stream may keep the tunnel reader paused (because its client reads nothing)
+    /// before that stream alone is closed with a reason and the others resume (default 30 s).
+    /// A paused reader never counts as a silent tunnel.
+    pub pause_limit: Duration,
     /// Tether extensions advertised in `register_success`. Each is used only if the agent offered it
     /// in `register` too (default: all).
     pub extensions: Extensions,
@@ -41,6 +45,7 @@ impl Default for Config {
             start_timeout: Duration::from_secs(45),
             ping_interval: Duration::from_secs(10),
             read_deadline: Duration::from_secs(60),
+            pause_limit: Duration::from_secs(30),
             extensions: Extensions::ALL,
             global_bytes: DEFAULT_GLOBAL_BYTES,
         }

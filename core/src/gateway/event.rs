@@ -131,6 +131,8 @@ pub struct Stats {
     pub streams_failed: u64,
     /// Times the tunnel reader was paused (head-of-line blocking in compat mode).
     pub tunnel_pauses: u64,
+    /// Streams closed because their client kept the tunnel paused past the pause limit.
+    pub stalled_streams_closed: u64,
     /// Agent messages rejected with an error.
     pub bad_messages: u64,
     /// Ping/pong data frames from the agent, dropped (pings are answered per hop).

@@ -103,8 +103,9 @@ use crate::flow::TunnelPause;
 use crate::keepalive::Keepalive;
 use crate::recent::RecentlyClosed;
 use crate::relay::{
-    Close, MAX_FAILURE_MESSAGE, MAX_SUBPROTOCOL, Message, MessageKind, PayloadBuf, SendError,
-    Transmit, TransmitError, validate_path, validate_query, validate_subprotocol_list,
+    Close, MAX_CLOSE_REASON, MAX_FAILURE_MESSAGE, MAX_SUBPROTOCOL, Message, MessageKind,
+    PayloadBuf, SendError, Transmit, TransmitError, validate_path, validate_query,
+    validate_subprotocol_list,
 };
 use crate::ring::DEFAULT_RING_MESSAGES;
 use crate::stream_id::{MAX_STREAM_ID_LEN, StreamId};
@@ -239,6 +240,8 @@ pub struct Gateway<M, const STREAMS: usize, const RING: usize = DEFAULT_RING_MES
     replies: Deque<Reply, REPLY_QUEUE>,
     recently_closed: RecentlyClosed<RECENTLY_CLOSED>,
     pause: TunnelPause<Blocker>,
+    /// The latest `now` handed in: when a pause began.
+    clock: Instant,
     budget: Budget,
     control_cursor: Option<Slot>,
     data_cursor: Option<Slot>,
@@ -262,6 +265,7 @@ impl<M: PayloadBuf, const STREAMS: usize, const RING: usize> Gateway<M, STREAMS,
             replies: Deque::new(),
             recently_closed: RecentlyClosed::new(),
             pause: TunnelPause::new(),
+            clock: now,
             budget: Budget::new(config.global_bytes),
             control_cursor: None,
             data_cursor: None,
@@ -329,6 +333,7 @@ impl<M: PayloadBuf, const STREAMS: usize, const RING: usize> Gateway<M, STREAMS,
     /// Records that the tunnel showed signs of life (a WebSocket pong, or any frame not handed to
     /// [`handle_tunnel_message`](Self::handle_tunnel_message)): pushes the read deadline back.
     pub fn handle_tunnel_activity(&mut self, now: Instant) {
+        self.clock = now;
         self.session
             .keepalive
             .activity(now, self.config.read_deadline);
@@ -1362,7 +1367,7 @@ impl<M: PayloadBuf, const STREAMS: usize, const RING: usize> Gateway<M, STREAMS,
     }
 
     fn block(&mut self, blocker: Blocker) -> TunnelError {
-        if self.pause.block(blocker) {
+        if self.pause.block(blocker, self.clock) {
             self.stats.tunnel_pauses += 1;
             debug!("tunnel reads paused");
         }
@@ -1445,9 +1450,24 @@ impl<M: PayloadBuf, const STREAMS: usize, const RING: usize> Gateway<M, STREAMS,
     }
 
     /// Fires every timer due at `now`: ping ([`Event::SendPing`]), the tunnel read deadline
-    /// ([`Event::TunnelDead`]) and stream start timeouts ([`Event::Failed`] with 504; the agent gets a
-    /// close or cancel for it).
+    /// ([`Event::TunnelDead`]; never while the reader is paused: a tunnel we do not read is not
+    /// silent), stream start timeouts ([`Event::Failed`] with 504; the agent gets a close or cancel
+    /// for it), and the pause limit: the stream that kept the reader paused for
+    /// [`Config::pause_limit`] is closed on both sides with a reason, alone.
     pub fn handle_timeout(&mut self, now: Instant) {
+        self.clock = now;
+        if self.pause.blocker().is_some() {
+            self.session
+                .keepalive
+                .activity(now, self.config.read_deadline);
+        }
+        if self
+            .pause
+            .limit_at(self.config.pause_limit)
+            .is_some_and(|t| t <= now)
+        {
+            self.close_pausing_stream();
+        }
         let s = &mut self.session;
         if s.keepalive.handle_timeout(now, self.config.ping_interval) {
             warn!(
@@ -1496,10 +1516,36 @@ impl<M: PayloadBuf, const STREAMS: usize, const RING: usize> Gateway<M, STREAMS,
             .iter()
             .filter_map(|(_, e)| e.value.deadline)
             .min();
-        [self.session.keepalive.next_timeout(), streams]
+        let pause = self.pause.limit_at(self.config.pause_limit);
+        [self.session.keepalive.next_timeout(), streams, pause]
             .into_iter()
             .flatten()
             .min()
+    }
+
+    /// Closes the stream whose client kept the tunnel reader paused past the limit (its queued
+    /// messages still reach it, then the close or abort); the reader resumes.
+    fn close_pausing_stream(&mut self) {
+        let Some(Blocker::Stream { id, .. }) = self.pause.blocker() else {
+            return;
+        };
+        let id = id.clone();
+        let Some(slot) = self.streams.find(id.as_str()) else {
+            self.check_unblock();
+            return;
+        };
+        let limit = self.config.pause_limit.as_millis() / 1000;
+        warn!(
+            "stream {}: its client read nothing for {} s while the tunnel waited for it: closed",
+            id, limit
+        );
+        self.stats.stalled_streams_closed += 1;
+        let mut reason: String<MAX_CLOSE_REASON> = String::new();
+        let _ = write!(
+            reason,
+            "stalled: the client read nothing for {limit} s (compat wire mode)"
+        );
+        self.close_both(slot, Close::new(1008, reason.as_str()));
     }
 
     // ---------------------------------------------------------------------------------------------

@@ -164,9 +164,13 @@ struct Harness {
 
 impl Harness {
     fn new() -> Self {
+        Self::with_config(Config::default())
+    }
+
+    fn with_config(config: Config) -> Self {
         let now = Instant::from_secs(1_000);
         Self {
-            gw: Gateway::new(Config::default(), "c1", now),
+            gw: Gateway::new(config, "c1", now),
             now,
             scratch: vec![0; 1 << 16],
             sent: Vec::new(),
@@ -937,6 +941,105 @@ fn full_client_ring_pauses_the_tunnel_without_loss() {
     let got: Vec<u8> = h.received("s1").iter().map(|(_, p)| p[0]).collect();
     assert_eq!(got, (0..=RING as u8).collect::<Vec<_>>());
     assert_eq!(h.gw.stats().tunnel_pauses, 1);
+}
+
+#[test]
+fn a_stream_that_keeps_the_tunnel_paused_is_closed_alone_and_the_pause_is_not_silence() {
+    let mut h = Harness::registered(true);
+    h.open_started("s1");
+    h.open_started("s2");
+    h.auto_pop = false;
+    for i in 0..RING as u8 {
+        h.feed(&data_json("s1", 2, &[i])).unwrap();
+    }
+    let refused = data_json("s1", 2, &[RING as u8]);
+    assert_eq!(h.feed(&refused), Err(TunnelError::Blocked));
+    h.drive();
+    assert!(h.take_events().contains(&Event::PauseTunnelReads));
+    let paused_at = h.now;
+    assert_eq!(
+        h.gw.poll_timeout()
+            .map(|t| t <= paused_at + Duration::from_secs(30)),
+        Some(true)
+    );
+
+    // 29 s: still paused, nothing closed.
+    h.now = paused_at + Duration::from_secs(29);
+    h.gw.handle_timeout(h.now);
+    h.drive();
+    assert!(
+        !h.take_events()
+            .iter()
+            .any(|e| matches!(e, Event::ResumeTunnelReads | Event::TunnelDead))
+    );
+    // 30 s: s1 alone is closed on both sides with a reason; reading resumes.
+    h.now = paused_at + Duration::from_secs(30);
+    h.gw.handle_timeout(h.now);
+    h.drive();
+    let events = h.take_events();
+    assert!(events.contains(&Event::ResumeTunnelReads), "{events:?}");
+    let sent = h.take_sent();
+    let close = sent
+        .iter()
+        .find(|s| s.kind == "proxy_websocket_close")
+        .expect("the agent is told");
+    assert_eq!(
+        (close.stream_id.as_deref(), close.code),
+        (Some("s1"), Some(1008))
+    );
+    assert!(
+        close.reason.as_deref().unwrap().contains("stalled"),
+        "{close:?}"
+    );
+    assert_eq!(h.gw.stats().stalled_streams_closed, 1);
+    // The refused message, handed in again, is dropped quietly; s2 flows.
+    assert!(h.feed(&refused).is_ok());
+    h.feed(&data_json("s2", 2, b"still here")).unwrap();
+    h.pop_all("s2");
+    assert_eq!(
+        h.received("s2"),
+        [(MessageKind::Binary, b"still here".to_vec())]
+    );
+    // s1's client still gets what was queued, then the close with the reason.
+    h.pop_all("s1");
+    h.drive();
+    assert_eq!(h.received("s1").len(), RING);
+    assert!(h.take_events().iter().any(|e| matches!(e,
+        Event::Closed { stream, close } if *stream == sid("s1") && close.code == 1008)));
+}
+
+#[test]
+fn a_paused_reader_never_declares_the_tunnel_dead() {
+    let config = Config {
+        pause_limit: Duration::from_secs(600),
+        ..Config::default()
+    };
+    let mut h = Harness::with_config(config);
+    h.feed(&register_json(true)).unwrap();
+    h.drive();
+    h.open_started("s1");
+    h.auto_pop = false;
+    for i in 0..RING as u8 {
+        h.feed(&data_json("s1", 2, &[i])).unwrap();
+    }
+    assert_eq!(h.feed(&data_json("s1", 2, b"x")), Err(TunnelError::Blocked));
+    let start = h.now;
+    for s in (10..=120).step_by(10) {
+        h.now = start + Duration::from_secs(s);
+        h.gw.handle_timeout(h.now);
+        h.drive();
+        assert!(
+            !h.take_events().contains(&Event::TunnelDead),
+            "dead at {s} s while paused"
+        );
+    }
+    // Once reading resumes, silence counts again.
+    h.pop_all("s1");
+    h.drive();
+    h.now += Duration::from_secs(61);
+    h.gw.handle_timeout(h.now);
+    h.drive();
+    assert!(h.take_events().contains(&Event::TunnelDead));
 }
 
 #[test]

@@ -30,6 +30,10 @@ pub struct Config {
     /// Tunnel silence after which [`Event::TunnelDead`](super::Event::TunnelDead) fires (default 60
     /// s).
     pub read_deadline: Duration,
+    /// Compat wire mode: how long one stream may keep the tunnel reader paused (because its upstream takes nothing)
+    /// before that stream alone is closed with a reason and the others resume (default 30 s).
+    /// A paused reader never counts as a silent tunnel.
+    pub pause_limit: Duration,
     /// Tether protocol extensions the agent offers in `register` (start ack with subprotocol, close
     /// code and reason, error status). Each is used only if offered here *and* advertised by the
     /// control plane in `register_success`; a PipeOps control plane advertises none (default: all).
@@ -49,6 +53,7 @@ impl Default for Config {
             heartbeat_interval: Duration::from_secs(30),
             ping_interval: Duration::from_secs(10),
             read_deadline: Duration::from_secs(60),
+            pause_limit: Duration::from_secs(30),
             extensions: Extensions::ALL,
             global_bytes: DEFAULT_GLOBAL_BYTES,
         }

@@ -144,6 +144,8 @@ pub struct Stats {
     /// Times the tunnel reader was paused because a stream's ring toward the upstream (or the reply
     /// queue) was full: head-of-line blocking in compat mode.
     pub tunnel_pauses: u64,
+    /// Streams closed because their upstream kept the tunnel paused past the pause limit.
+    pub stalled_streams_closed: u64,
     /// Tunnel messages rejected with an error.
     pub bad_messages: u64,
     /// Ping/pong data frames from the tunnel, dropped (pings are answered per hop).
@@ -268,6 +270,8 @@ pub struct Relay<M, const STREAMS: usize, const RING: usize = DEFAULT_RING_MESSA
     fallbacks: heapless::Vec<String<MAX_TYPE_NAME>, FALLBACK_TYPES>,
     recently_closed: RecentlyClosed<RECENTLY_CLOSED>,
     pause: TunnelPause<Blocker>,
+    /// The latest `now` handed in: when a pause began.
+    clock: Instant,
     budget: Budget,
     control_cursor: Option<Slot>,
     data_cursor: Option<Slot>,
@@ -283,6 +287,7 @@ impl Stats {
         streams_opened: 0,
         streams_closed: 0,
         tunnel_pauses: 0,
+        stalled_streams_closed: 0,
         bad_messages: 0,
         control_frames_dropped: 0,
         late_messages: 0,
@@ -305,6 +310,7 @@ impl<M: PayloadBuf, const STREAMS: usize, const RING: usize> Relay<M, STREAMS, R
             fallbacks: heapless::Vec::new(),
             recently_closed: RecentlyClosed::new(),
             pause: TunnelPause::new(),
+            clock: Instant::from_micros(0),
             budget: Budget::new(config.global_bytes),
             control_cursor: None,
             data_cursor: None,
@@ -371,6 +377,7 @@ impl<M: PayloadBuf, const STREAMS: usize, const RING: usize> Relay<M, STREAMS, R
     /// read-deadline timers. Call once per tunnel connection, after
     /// [`handle_tunnel_lost`](Self::handle_tunnel_lost) for the previous one.
     pub fn start_session(&mut self, now: Instant, info: SessionInfo) {
+        self.clock = now;
         self.session = Session {
             info,
             register_pending: true,
@@ -405,6 +412,7 @@ impl<M: PayloadBuf, const STREAMS: usize, const RING: usize> Relay<M, STREAMS, R
     /// does not hand to [`handle_tunnel_message`](Self::handle_tunnel_message)): pushes the read
     /// deadline back. Every handled tunnel message does this too.
     pub fn handle_tunnel_activity(&mut self, now: Instant) {
+        self.clock = now;
         self.session
             .keepalive
             .activity(now, self.config.read_deadline);
@@ -573,6 +581,7 @@ impl<M: PayloadBuf, const STREAMS: usize, const RING: usize> Relay<M, STREAMS, R
         headers: Headers<'a>,
         protocol: Option<JsonStr<'a>>,
     ) -> Result<StartRequest<'a>, TunnelError> {
+        self.clock = now;
         // A refusal needs a reply slot; refuse up front rather than lose a reply.
         if self.replies.is_full() {
             return Err(self.block(Blocker::Replies));
@@ -895,7 +904,7 @@ impl<M: PayloadBuf, const STREAMS: usize, const RING: usize> Relay<M, STREAMS, R
     }
 
     fn block(&mut self, blocker: Blocker) -> TunnelError {
-        if self.pause.block(blocker) {
+        if self.pause.block(blocker, self.clock) {
             self.stats.tunnel_pauses += 1;
             debug!("tunnel reads paused");
         }
@@ -924,6 +933,36 @@ impl<M: PayloadBuf, const STREAMS: usize, const RING: usize> Relay<M, STREAMS, R
             self.pause.resume();
             debug!("tunnel reads resumed");
         }
+    }
+
+    /// Closes the stream whose upstream kept the tunnel reader paused past the limit: what was
+    /// queued for it is discarded (it took nothing for that long), the upstream is closed and the
+    /// control plane told why; the reader resumes.
+    fn close_pausing_stream(&mut self, now: Instant) {
+        let id = match self.pause.blocker() {
+            Some(Blocker::Stream { id, .. } | Blocker::Pieces { id, .. }) => id.clone(),
+            _ => return,
+        };
+        let Some(slot) = self.streams.find(id.as_str()) else {
+            self.check_unblock();
+            return;
+        };
+        let limit = self.config.pause_limit.as_millis() / 1000;
+        warn!(
+            "stream {}: its upstream took nothing for {} s while the tunnel waited for it: closed",
+            id, limit
+        );
+        self.stats.stalled_streams_closed += 1;
+        if let Some(entry) = self.streams.at_mut(slot) {
+            self.stats.discarded_messages += entry.value.to_upstream.clear().0 as u64;
+        }
+        let mut reason: heapless::String<MAX_CLOSE_REASON> = heapless::String::new();
+        let _ = core::fmt::write(
+            &mut reason,
+            format_args!("stalled: the upstream took nothing for {limit} s (compat wire mode)"),
+        );
+        self.close_from_tunnel(now, slot, Close::new(1008, reason.as_str()));
+        self.check_unblock();
     }
 
     /// Starts closing `slot` on the tunnel's request: the upstream gets every queued message, then
@@ -1185,6 +1224,20 @@ impl<M: PayloadBuf, const STREAMS: usize, const RING: usize> Relay<M, STREAMS, R
     /// deadline ([`Event::TunnelDead`]), stream dial timeouts (504 to the control plane, the dial
     /// abandoned with [`Event::CloseUpstream`]) and close timeouts.
     pub fn handle_timeout(&mut self, now: Instant) {
+        self.clock = now;
+        if self.pause.blocker().is_some() {
+            // A tunnel we do not read is not silent.
+            self.session
+                .keepalive
+                .activity(now, self.config.read_deadline);
+        }
+        if self
+            .pause
+            .limit_at(self.config.pause_limit)
+            .is_some_and(|t| t <= now)
+        {
+            self.close_pausing_stream(now);
+        }
         let s = &mut self.session;
         if s.next_heartbeat.is_some_and(|t| t <= now) {
             s.heartbeat_pending = true;
@@ -1237,7 +1290,8 @@ impl<M: PayloadBuf, const STREAMS: usize, const RING: usize> Relay<M, STREAMS, R
             .iter()
             .filter_map(|(_, e)| e.value.deadline)
             .min();
-        [self.session.next_timeout(), streams]
+        let pause = self.pause.limit_at(self.config.pause_limit);
+        [self.session.next_timeout(), streams, pause]
             .into_iter()
             .flatten()
             .min()

@@ -724,6 +724,81 @@ fn full_ring_toward_upstream_blocks_tunnel_until_drained_nothing_lost() {
 }
 
 #[test]
+fn an_upstream_that_keeps_the_tunnel_paused_is_closed_alone_and_the_pause_is_not_silence() {
+    let mut h = Harness::registered(true);
+    h.open("s");
+    h.open("t");
+    h.auto_pop = false;
+    h.take_events();
+    let mut i = 0u32;
+    let refused = loop {
+        let msg = data_json("s", 2, &i.to_be_bytes());
+        match h.feed(&msg) {
+            Ok(_) => i += 1,
+            Err(TunnelError::Blocked) => break msg,
+            Err(e) => panic!("{e:?}"),
+        }
+    };
+    h.drive();
+    assert!(h.take_events().contains(&Event::PauseTunnelReads));
+    let paused_at = h.now;
+    // Silent past the read deadline while paused: not dead; the limit has not passed yet.
+    h.now = paused_at + Duration::from_secs(29);
+    h.relay.handle_timeout(h.now);
+    h.drive();
+    let events = h.take_events();
+    assert!(
+        !events
+            .iter()
+            .any(|e| matches!(e, Event::TunnelDead | Event::ResumeTunnelReads)),
+        "{events:?}"
+    );
+    h.now = paused_at + Duration::from_secs(30);
+    h.relay.handle_timeout(h.now);
+    h.drive();
+    let events = h.take_events();
+    assert!(events.contains(&Event::ResumeTunnelReads), "{events:?}");
+    let closing = format!("{events:?}");
+    assert!(
+        closing.contains("CloseUpstream") && closing.contains("1008"),
+        "{closing}"
+    );
+    assert_eq!(h.relay.stats().stalled_streams_closed, 1);
+    // The refused message is dropped quietly; t still flows.
+    assert!(h.feed(&refused).is_ok());
+    h.feed(&data_json("t", 2, b"ok")).unwrap();
+    h.pop_all("t");
+    assert_eq!(
+        h.received("t").last().map(|m| m.1.clone()),
+        Some(b"ok".to_vec())
+    );
+
+    // With a long limit, a reader paused far past the read deadline still never declares the
+    // tunnel dead.
+    let config = Config {
+        pause_limit: Duration::from_secs(600),
+        ..Config::default()
+    };
+    let mut h = Harness::registered_with(config, true);
+    h.open("s");
+    h.auto_pop = false;
+    let mut i = 0u32;
+    while h.feed(&data_json("s", 2, &i.to_be_bytes())).is_ok() {
+        i += 1;
+    }
+    let start = h.now;
+    for secs in [30, 61, 90, 150] {
+        h.now = start + Duration::from_secs(secs);
+        h.relay.handle_timeout(h.now);
+        h.drive();
+        assert!(
+            !h.take_events().contains(&Event::TunnelDead),
+            "dead at {secs} s while paused"
+        );
+    }
+}
+
+#[test]
 fn close_from_control_plane_keeps_a_paused_upstream_resumable() {
     let mut h = Harness::registered(true);
     h.open("s");
