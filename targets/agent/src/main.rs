@@ -7,7 +7,7 @@
 //!              [--kubeconfig F | --kube-url URL [--kube-token-file F] [--kube-ca-file F]]
 //!              [--metrics-listen ADDR] [--wire-mode auto|compat] [--shutdown-grace SECONDS]
 //!              [--proxy URL] (HTTPS_PROXY / HTTP_PROXY / NO_PROXY honoured)
-//!              [--log-format json|text]
+//!              [--allow-tcp HOST:PORT]... [--log-format json|text]
 //! ```
 //!
 //! Every flag also reads a `TETHER_*` environment variable. Bad configuration exits with status 2
@@ -66,6 +66,17 @@ struct Cli {
     /// HTTPS_PROXY (or HTTP_PROXY for an http control plane) unless NO_PROXY names its host.
     #[arg(long, env = "TETHER_PROXY", value_name = "URL", hide_env_values = true)]
     proxy: Option<String>,
+
+    /// A TCP target the control plane may open tunnels to (`--forward` on the control plane),
+    /// e.g. `postgres.db.svc:5432`. Repeatable; in TETHER_ALLOW_TCP separate them with commas.
+    /// Without any, TCP tunnels are refused.
+    #[arg(
+        long = "allow-tcp",
+        env = "TETHER_ALLOW_TCP",
+        value_name = "HOST:PORT",
+        value_delimiter = ','
+    )]
+    allow_tcp: Vec<tether_tokio::agent::TcpTarget>,
 
     /// Seconds live streams may go on after SIGTERM before they are closed.
     #[arg(
@@ -202,6 +213,7 @@ fn build(cli: &Cli) -> Result<AgentConfig, String> {
     let mut config = AgentConfig::new(tunnel, kube);
     config.metrics_listen = cli.metrics_listen;
     config.shutdown_grace = Duration::from_secs(cli.shutdown_grace);
+    config.allow_tcp = cli.allow_tcp.clone();
     config.relay.extensions = cli.wire_mode.apply(config.relay.extensions);
     Ok(config)
 }

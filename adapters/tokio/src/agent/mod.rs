@@ -86,6 +86,56 @@ pub struct AgentConfig {
     pub unauthorized_retry: Duration,
     /// After a shutdown signal, how long live streams may go on before they are closed.
     pub shutdown_grace: Duration,
+    /// TCP targets a `tcp_tunnel_start` may dial (`--allow-tcp HOST:PORT`); empty refuses every
+    /// TCP tunnel. Hosts compare without ASCII case.
+    pub allow_tcp: Vec<TcpTarget>,
+}
+
+/// One `--allow-tcp HOST:PORT` entry.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct TcpTarget {
+    /// Host name or address, as the control plane names it.
+    pub host: String,
+    /// Port.
+    pub port: u16,
+}
+
+impl std::str::FromStr for TcpTarget {
+    type Err = String;
+
+    fn from_str(s: &str) -> Result<Self, String> {
+        let (host, port) = s
+            .rsplit_once(':')
+            .ok_or_else(|| format!("invalid TCP target {s:?}: expected HOST:PORT"))?;
+        let host = host.trim_start_matches('[').trim_end_matches(']');
+        let port: u16 = port
+            .parse()
+            .ok()
+            .filter(|p| *p != 0)
+            .ok_or_else(|| format!("invalid TCP target {s:?}: the port must be 1-65535"))?;
+        let valid = !host.is_empty()
+            && host
+                .chars()
+                .all(|c| c.is_ascii_alphanumeric() || ".-_:".contains(c));
+        if !valid {
+            return Err(format!("invalid TCP target {s:?}: bad host {host:?}"));
+        }
+        Ok(Self {
+            host: host.to_string(),
+            port,
+        })
+    }
+}
+
+impl TcpTarget {
+    /// Whether a tunnel to `host:port` matches this entry.
+    #[must_use]
+    pub fn allows(&self, host: &str, port: u16) -> bool {
+        self.port == port
+            && self
+                .host
+                .eq_ignore_ascii_case(host.trim_start_matches('[').trim_end_matches(']'))
+    }
 }
 
 impl AgentConfig {
@@ -104,6 +154,7 @@ impl AgentConfig {
             backoff: Backoff::TUNNEL,
             unauthorized_retry: UNAUTHORIZED_RETRY,
             shutdown_grace: SHUTDOWN_GRACE,
+            allow_tcp: Vec::new(),
         }
     }
 }
@@ -123,6 +174,8 @@ pub fn hostname() -> String {
 pub(crate) struct Shared {
     pub(crate) kube: Arc<KubeTarget>,
     pub(crate) metrics: Arc<Metrics>,
+    /// `--allow-tcp`.
+    pub(crate) allow_tcp: Vec<TcpTarget>,
     epoch: tokio::time::Instant,
 }
 
@@ -255,6 +308,7 @@ impl Agent {
         let shared = Shared {
             kube: Arc::new(config.kube.clone()),
             metrics: metrics.clone(),
+            allow_tcp: config.allow_tcp.clone(),
             epoch: tokio::time::Instant::now(),
         };
         let mut scratch = vec![0u8; relay.config().max_message];
@@ -371,6 +425,19 @@ fn jittered(d: Duration) -> Duration {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn allow_tcp_targets_parse_and_match_exactly() {
+        let t: TcpTarget = "Postgres.db.svc:5432".parse().unwrap();
+        assert!(t.allows("postgres.db.svc", 5432));
+        assert!(!t.allows("postgres.db.svc", 5433));
+        assert!(!t.allows("postgres.db.svc.evil", 5432));
+        let v6: TcpTarget = "[::1]:80".parse().unwrap();
+        assert!(v6.allows("::1", 80) && v6.allows("[::1]", 80));
+        for bad in ["nohost", ":80", "h:0", "h:99999", "h /x:80", "h:port"] {
+            assert!(bad.parse::<TcpTarget>().is_err(), "{bad}");
+        }
+    }
 
     #[test]
     fn unauthorized_retry_is_slow() {

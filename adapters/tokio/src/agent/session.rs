@@ -782,17 +782,37 @@ impl Session<'_> {
                         }
                     },
                     Inbound::TcpTunnelStart(start) => {
-                        // Raw TCP to arbitrary in-cluster services reaches beyond the Kubernetes
-                        // API: refused (answered `tcp_tunnel_close {reason: connection_failed}`).
+                        // Raw TCP reaches beyond the Kubernetes API: only to the targets the
+                        // operator allowed (`--allow-tcp`); anything else is refused
+                        // (`tcp_tunnel_close {reason: connection_failed}`).
                         if let Ok(req) = self.relay.start_tcp_tunnel(now, &env, &start) {
-                            let id = req.tunnel.as_str();
-                            warn!(tunnel = id, "TCP tunnel refused: not enabled on this agent");
-                            let _ = self.relay.handle_upstream_failed(
-                                now,
-                                id,
-                                403,
-                                "TCP tunnels are not enabled on this agent",
-                            );
+                            let id = req.tunnel.as_str().to_string();
+                            let (host, port) = (req.host.as_str().to_string(), req.port);
+                            let allowed =
+                                self.shared.allow_tcp.iter().any(|t| t.allows(&host, port));
+                            if allowed && !self.relay.is_draining() {
+                                info!(tunnel = id.as_str(), target = %format!("{host}:{port}"), "TCP tunnel");
+                                let spec = StreamSpec {
+                                    id: id.clone(),
+                                    path: String::new(),
+                                    query: String::new(),
+                                    headers: Vec::new(),
+                                    protocols: Vec::new(),
+                                    raw: None,
+                                    tcp: Some((host, port)),
+                                };
+                                self.spawn_stream(spec, false);
+                            } else {
+                                let why = if allowed {
+                                    DRAINING.to_string()
+                                } else {
+                                    format!(
+                                        "TCP to {host}:{port} is not allowed on this agent (--allow-tcp)"
+                                    )
+                                };
+                                warn!(tunnel = id.as_str(), "TCP tunnel refused: {why}");
+                                let _ = self.relay.handle_upstream_failed(now, &id, 403, &why);
+                            }
                         }
                     }
                     Inbound::RegisterSuccess(_) => {}
@@ -936,7 +956,12 @@ impl Session<'_> {
 
     fn spawn_stream(&mut self, spec: StreamSpec, upgrade: bool) {
         let (tx, rx) = mpsc::channel(STREAM_QUEUE);
-        let ctl = Arc::new(StreamCtl::new(&self.shared.metrics));
+        let kind = if spec.tcp.is_some() {
+            StreamKind::Tcp
+        } else {
+            StreamKind::WebSocket
+        };
+        let ctl = Arc::new(StreamCtl::new(&self.shared.metrics, kind));
         let id = spec.id.clone();
         let task = tokio::spawn(upstream::run(
             self.shared.kube.clone(),
@@ -1297,5 +1322,6 @@ fn stream_spec(
         ),
         protocols,
         raw: None,
+        tcp: None,
     }
 }

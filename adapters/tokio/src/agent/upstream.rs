@@ -46,12 +46,15 @@ pub(crate) struct StreamSpec {
     pub(crate) protocols: Vec<String>,
     /// Dial this raw upgrade instead of a WebSocket.
     pub(crate) raw: Option<RawUpgrade>,
+    /// Dial this TCP target (an allowed `tcp_tunnel_start`) instead of the Kubernetes API.
+    pub(crate) tcp: Option<(String, u16)>,
 }
 
 /// A dialled upstream.
 enum Upstream {
     WebSocket(Box<WebSocketStream<KubeStream>>),
     Raw(Upgraded),
+    Tcp(tokio::net::TcpStream),
 }
 
 /// Commands from the session to a stream task, in order.
@@ -77,10 +80,10 @@ pub(crate) struct StreamCtl {
 }
 
 impl StreamCtl {
-    /// Flags for a new stream, counted as a live WebSocket stream in `metrics` until dropped.
-    pub(crate) fn new(metrics: &Metrics) -> Self {
+    /// Flags for a new stream, counted as a live stream of `kind` in `metrics` until dropped.
+    pub(crate) fn new(metrics: &Metrics, kind: StreamKind) -> Self {
         Self {
-            _life: Some(metrics.stream_life(StreamKind::WebSocket)),
+            _life: Some(metrics.stream_life(kind)),
             ..Self::default()
         }
     }
@@ -97,11 +100,18 @@ pub(crate) async fn run(
 ) {
     let id = spec.id.clone();
     let dialled = async {
-        match &spec.raw {
-            Some(upgrade) => raw_upgrade::dial(&target, &spec, upgrade)
+        match (&spec.tcp, &spec.raw) {
+            (Some((host, port)), _) => tokio::net::TcpStream::connect((host.as_str(), *port))
+                .await
+                .map(|tcp| {
+                    let _ = tcp.set_nodelay(true);
+                    (Upstream::Tcp(tcp), None)
+                })
+                .map_err(|e| (502, format!("cannot connect to {host}:{port}: {e}"))),
+            (None, Some(upgrade)) => raw_upgrade::dial(&target, &spec, upgrade)
                 .await
                 .map(|(io, p)| (Upstream::Raw(io), p)),
-            None => dial(&target, &spec, max_message)
+            (None, None) => dial(&target, &spec, max_message)
                 .await
                 .map(|(ws, p)| (Upstream::WebSocket(Box::new(ws)), p)),
         }
@@ -141,6 +151,7 @@ pub(crate) async fn run(
     let (code, reason) = match upstream {
         Upstream::WebSocket(ws) => relay(*ws, &id, &mut commands, &ctl, &events).await,
         Upstream::Raw(io) => relay_raw(io, &id, &mut commands, &ctl, &events).await,
+        Upstream::Tcp(tcp) => relay_raw(tcp, &id, &mut commands, &ctl, &events).await,
     };
     let _ = events.send(FromTask::Closed { id, code, reason }).await;
 }
@@ -241,16 +252,19 @@ async fn relay(
     outcome
 }
 
-/// Moves bytes of a raw upgrade until it ends; returns the close code and reason to report: 1000
+/// Moves bytes of a raw upgrade (or a TCP tunnel) until it ends; returns the close code and reason to report: 1000
 /// when the upstream ended the connection, our own close when we ended it, 1011 on an error.
 /// Each read becomes one binary message; each message is written whole and flushed.
-async fn relay_raw(
-    io: Upgraded,
+async fn relay_raw<S>(
+    io: S,
     id: &str,
     commands: &mut mpsc::Receiver<ToUpstream>,
     ctl: &StreamCtl,
     events: &mpsc::Sender<FromTask>,
-) -> (u16, String) {
+) -> (u16, String)
+where
+    S: tokio::io::AsyncRead + tokio::io::AsyncWrite,
+{
     let (mut rd, mut wr) = tokio::io::split(io);
     let closing = AtomicBool::new(false);
     let writer = async {
