@@ -163,7 +163,9 @@ impl fmt::Display for OpenError {
         match self {
             Self::NotRegistered => f.write_str("no registered agent on this tunnel"),
             Self::DuplicateStream => f.write_str("duplicate stream id"),
-            Self::TooManyStreams => f.write_str("too many streams on this tunnel"),
+            Self::TooManyStreams => f.write_str(
+                "every stream slot of this cluster's tunnel is in use (the per-cluster limit); try again later",
+            ),
             Self::StreamId(e) => write!(f, "invalid stream id: {e}"),
             Self::Request(e) => fmt::Display::fmt(e, f),
             Self::Method => f.write_str("invalid method"),

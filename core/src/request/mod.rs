@@ -153,7 +153,7 @@ impl fmt::Display for RequestError {
             Self::Blocked => f.write_str("request table busy; message not consumed"),
             Self::RequestId(e) => write!(f, "invalid request_id: {e}"),
             Self::Duplicate => f.write_str("duplicate request_id: a request with this id is live"),
-            Self::TooMany => f.write_str("too many concurrent requests"),
+            Self::TooMany => f.write_str("too many concurrent requests on this agent (its per-cluster limit); try again later"),
             Self::Method => f.write_str("unsupported method"),
             Self::Invalid(e) => write!(f, "{e}"),
             Self::BinaryBody => {

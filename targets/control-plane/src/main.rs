@@ -104,6 +104,15 @@ struct Serve {
         default_value_t = 25
     )]
     shutdown_grace: u64,
+    /// Streams and requests one user may have open on one cluster at a time (0: no limit);
+    /// beyond it kubectl gets 429 naming this limit.
+    #[arg(
+        long,
+        value_name = "N",
+        env = "TETHER_MAX_STREAMS_PER_USER",
+        default_value_t = tether_tokio::control_plane::DEFAULT_MAX_STREAMS_PER_USER
+    )]
+    max_streams_per_user: usize,
     /// TLS certificate chain (PEM) instead of the self-signed one; re-read when it changes.
     #[arg(long, value_name = "F", env = "TETHER_TLS_CERT", requires = "tls_key")]
     tls_cert: Option<PathBuf>,
@@ -304,6 +313,7 @@ fn run_serve(serve: Serve) -> Result<(), Failure> {
         forwards,
         wire_mode: serve.wire_mode,
         shutdown_grace: std::time::Duration::from_secs(serve.shutdown_grace),
+        max_streams_per_user: serve.max_streams_per_user,
     };
     let runtime = tokio::runtime::Builder::new_multi_thread()
         .enable_all()

@@ -93,6 +93,19 @@ pub(crate) async fn handle(
         return status_response(401, "Unauthorized: a valid bearer user token is required");
     };
     let user = user.to_string();
+    let slot = match state.user_limits.acquire(cluster, &user) {
+        Ok(slot) => slot,
+        Err(limit) => {
+            state.metrics.refused.fetch_add(1, Ordering::Relaxed);
+            tracing::info!(cluster, user, limit, "stream refused: per-user limit");
+            return status_response(
+                429,
+                &format!(
+                    "user \"{user}\" already has {limit} streams and requests open on cluster \"{cluster}\": the per-user limit (--max-streams-per-user); close some or try again later"
+                ),
+            );
+        }
+    };
     let Some(cmd) = state.registry.get(cluster) else {
         state.metrics.refused.fetch_add(1, Ordering::Relaxed);
         tracing::info!(cluster, user, "no agent connected");
@@ -126,8 +139,11 @@ pub(crate) async fn handle(
     } else {
         StreamKind::Http
     };
-    // Live (`tether_streams_active`) until the client task ends; its duration is then observed.
-    let life = state.metrics.stream_life(kind);
+    // Live (`tether_streams_active`, and against the user's limit) until the client task ends.
+    let life = Live {
+        _life: state.metrics.stream_life(kind),
+        _slot: slot,
+    };
 
     if let Some(token) = raw_upgrade {
         let method = req.method().clone();
@@ -234,7 +250,15 @@ struct ClientStream {
     rx: mpsc::UnboundedReceiver<ToClient>,
     shared: Arc<Shared>,
     guard: StreamGuard,
-    life: StreamLife,
+    life: Live,
+}
+
+/// What a client stream holds while it lives: its `tether_streams_active` count (its duration is
+/// observed when dropped) and its slot under the user's limit.
+#[derive(Debug)]
+struct Live {
+    _life: StreamLife,
+    _slot: super::limits::UserSlot,
 }
 
 /// Waits for the agent's answer to a WebSocket start: 101 (then relays messages) or its status.
@@ -631,7 +655,7 @@ struct ResponseStream {
     shared: Arc<Shared>,
     guard: StreamGuard,
     /// The request counts as live until its body is done with.
-    _life: StreamLife,
+    _life: Live,
     done: bool,
 }
 

@@ -28,6 +28,7 @@
 mod client;
 mod forward;
 pub mod kubeconfig;
+mod limits;
 mod link;
 mod metrics;
 mod status;
@@ -60,6 +61,7 @@ use tokio_tungstenite::tungstenite::protocol::{Role, WebSocketConfig};
 
 pub use crate::buf::Buf;
 pub use forward::{Forward, ForwardSpecError};
+pub use limits::DEFAULT_MAX_STREAMS_PER_USER;
 pub use metrics::Metrics;
 pub use status::{status_json, status_response};
 
@@ -114,6 +116,9 @@ pub struct ControlPlaneConfig {
     pub wire_mode: crate::wire_mode::WireMode,
     /// After the shutdown signal, how long live client streams may go on.
     pub shutdown_grace: Duration,
+    /// Streams and requests one user may have open on one cluster at a time (0: no limit);
+    /// beyond it a request is refused with 429 naming the limit.
+    pub max_streams_per_user: usize,
 }
 
 /// Default [`ControlPlaneConfig::shutdown_grace`].
@@ -241,6 +246,8 @@ pub(crate) struct State {
     pub(crate) wire_mode: crate::wire_mode::WireMode,
     /// Shutting down: `/readyz` says 503.
     draining: AtomicBool,
+    /// Live streams per (cluster, user).
+    pub(crate) user_limits: Arc<limits::UserLimits>,
 }
 
 /// The bearer token of a request, if it has one.
@@ -367,6 +374,7 @@ impl ControlPlane {
                 next_generation: AtomicU64::new(1),
                 wire_mode: config.wire_mode,
                 draining: AtomicBool::new(false),
+                user_limits: limits::UserLimits::new(config.max_streams_per_user),
             }),
             shutdown_grace: config.shutdown_grace,
             base_url,

@@ -41,6 +41,7 @@ fn config(dir: &std::path::Path, tls: TlsMode) -> ControlPlaneConfig {
         forwards: Vec::new(),
         wire_mode: crate::wire_mode::WireMode::Auto,
         shutdown_grace: SHUTDOWN_GRACE,
+        max_streams_per_user: 0,
     }
 }
 
