@@ -448,6 +448,7 @@ impl<M: PayloadBuf, const STREAMS: usize, const RING: usize> Gateway<M, STREAMS,
             bearer: self.upstream_bearer(),
         };
         headers.validate()?;
+        let credited = self.session.extensions.response_credit;
         let message = ControlMessage::ProxyRequest {
             method: WireStr::Plain(req.method),
             path: WireStr::Plain(req.path),
@@ -457,14 +458,19 @@ impl<M: PayloadBuf, const STREAMS: usize, const RING: usize> Gateway<M, STREAMS,
             streaming: false,
             supports_response_streaming: true,
             timeout_ms: None,
+            response_credit: credited,
         };
         let start = self.encode_start(&message, req.id, unix_time, scratch)?;
-        let data = StreamData::new(
+        let mut data = StreamData::new(
             StreamKind::Request,
             start,
             self.config.ring_bytes,
             now + self.config.start_timeout,
         );
+        if credited {
+            data.response_credit = true;
+            data.credit = Credit::new(RING, self.config.ring_bytes);
+        }
         self.insert(id, data)?;
         self.stats.requests_opened += 1;
         self.stats.bytes_to_agent += req.body.len() as u64;
@@ -649,7 +655,7 @@ impl<M: PayloadBuf, const STREAMS: usize, const RING: usize> Gateway<M, STREAMS,
             return None;
         }
         let message = d.to_client.pop()?;
-        if d.is_native() {
+        if d.is_credited() {
             d.credit.on_consumed(message.payload.len());
         }
         self.stats.bytes_to_client += message.payload.len() as u64;
@@ -1011,7 +1017,7 @@ impl<M: PayloadBuf, const STREAMS: usize, const RING: usize> Gateway<M, STREAMS,
             debug!("stream {}: data for an ended client discarded", entry.id());
             return Ok(Handled::Consumed);
         }
-        let native = d.is_native();
+        let native = d.is_credited();
         if !native && !d.to_client.can_accept(len) {
             let blocker = Blocker::Stream {
                 id: entry.id().clone(),
@@ -1206,6 +1212,14 @@ impl<M: PayloadBuf, const STREAMS: usize, const RING: usize> Gateway<M, STREAMS,
         };
         if bytes.is_empty() {
             return Ok(Handled::Consumed);
+        }
+        if let Some(entry) = self.streams.at_mut(slot)
+            && entry.value.response_credit
+            && entry.value.agent_alive
+            && let Err(e) = entry.value.credit.on_received(bytes.len())
+        {
+            self.close_both(slot, Close::new(1008, "flow control violated"));
+            return Err(self.reject(Some(id), TunnelError::Credit(e), true));
         }
         self.push_client(slot, MessageKind::Binary, bytes)
     }
@@ -1779,6 +1793,20 @@ impl<M: PayloadBuf, const STREAMS: usize, const RING: usize> Gateway<M, STREAMS,
             d.owe_agent_close = None;
             d.agent_alive = false;
             self.settle(slot);
+            return Ok(Some(n));
+        }
+        let receiving = d.client_alive && d.agent_alive && d.owe_client_end.is_none();
+        if let Some(grant) = d
+            .credit
+            .grant_due()
+            .filter(|_| d.response_credit && receiving && !d.owe_cancel)
+        {
+            let n = ControlMessage::ProxyResponseCredit {
+                bytes: grant.bytes,
+                messages: grant.messages,
+            }
+            .encode(Some(id), unix, buf)?;
+            d.credit.on_granted(grant);
             return Ok(Some(n));
         }
         if d.owe_cancel {

@@ -70,8 +70,11 @@ pub(crate) struct StreamData<M, const RING: usize> {
     pub(crate) deadline: Option<Instant>,
     /// The stream's number on the tunnel in native mode; 0 for a compat stream.
     pub(crate) wire: u32,
-    /// Credit windows (native mode only).
+    /// Credit windows (native mode, and requests with `response_credit`).
     pub(crate) credit: Credit,
+    /// A request whose response body the agent sends only within `credit` (extension
+    /// `response_credit`): its client's stall holds only it.
+    pub(crate) response_credit: bool,
     /// Reading the client was stopped by the shared budget ([`crate::budget`]).
     pub(crate) budget_stopped: bool,
 }
@@ -101,8 +104,14 @@ impl<M: Payload, const RING: usize> StreamData<M, RING> {
             deadline: Some(deadline),
             wire: 0,
             credit: Credit::ZERO,
+            response_credit: false,
             budget_stopped: false,
         }
+    }
+
+    /// Whether data toward the client is bounded by credit (not by pausing the tunnel).
+    pub(crate) const fn is_credited(&self) -> bool {
+        self.wire != 0 || self.response_credit
     }
 
     /// Whether the stream speaks the native wire mode.

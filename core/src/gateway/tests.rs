@@ -95,7 +95,7 @@ fn b64(raw: &[u8]) -> String {
 
 fn register_json(extensions: bool) -> String {
     let ext = if extensions {
-        r#","extensions":{"websocket_started":true,"websocket_close_code":true,"proxy_error_status":true,"raw_upgrade":true}"#
+        r#","extensions":{"websocket_started":true,"websocket_close_code":true,"proxy_error_status":true,"raw_upgrade":true,"response_credit":true}"#
     } else {
         ""
     };
@@ -345,7 +345,7 @@ fn golden_register_success_advertises_extensions() {
     assert_eq!(
         h.sent[0].raw,
         format!(
-            r#"{{"type":"register_success","request_id":"req_1_a1","payload":{{"cluster_id":"c1","extensions":{{"websocket_started":true,"websocket_close_code":true,"proxy_error_status":true,"native_frames":true,"raw_upgrade":true}}}},"timestamp":"{STAMP}"}}"#
+            r#"{{"type":"register_success","request_id":"req_1_a1","payload":{{"cluster_id":"c1","extensions":{{"websocket_started":true,"websocket_close_code":true,"proxy_error_status":true,"native_frames":true,"raw_upgrade":true,"response_credit":true}}}},"timestamp":"{STAMP}"}}"#
         )
     );
     // The test agent offers the compat extensions only.
@@ -542,7 +542,14 @@ fn golden_data_close_cancel_request() {
     assert_eq!(
         sent[0].raw,
         format!(
-            r#"{{"type":"proxy_request","request_id":"r1","payload":{{"method":"GET","path":"/api/v1/namespaces/default/pods/demo/log","query":"follow=true","headers":{{"Accept":["application/json"],"Impersonate-User":["alice"]}},"supports_response_streaming":true}},"timestamp":"{STAMP}"}}"#
+            r#"{{"type":"proxy_request","request_id":"r1","payload":{{"method":"GET","path":"/api/v1/namespaces/default/pods/demo/log","query":"follow=true","headers":{{"Accept":["application/json"],"Impersonate-User":["alice"]}},"supports_response_streaming":true,"response_credit":true}},"timestamp":"{STAMP}"}}"#
+        )
+    );
+    // The whole window is granted at once.
+    assert_eq!(
+        sent[1].raw,
+        format!(
+            r#"{{"type":"proxy_response_credit","request_id":"r1","payload":{{"bytes":1048576,"messages":{RING}}},"timestamp":"{STAMP}"}}"#
         )
     );
     h.gw.handle_client_closed(h.now, "r1", None).unwrap();
@@ -782,6 +789,71 @@ fn streamed_response_header_chunks_end() {
         ]
     );
     assert_eq!(h.gw.stream_count(), 0);
+}
+
+fn chunk_json(id: &str, chunk: &[u8]) -> String {
+    format!(
+        r#"{{"type":"proxy_response_chunk","request_id":"{id}","payload":{{"data":"{}","encoding":"base64","size":{}}}}}"#,
+        b64(chunk),
+        chunk.len()
+    )
+}
+
+#[test]
+fn a_stalled_response_reader_holds_only_its_request_with_response_credit() {
+    let mut h = Harness::registered(true);
+    h.open_started("s1");
+    h.request("r1").unwrap();
+    let sent = h.take_sent();
+    let grant = sent
+        .iter()
+        .find(|s| s.kind == "proxy_response_credit")
+        .expect("the window is granted at once");
+    assert_eq!(grant.request_id.as_deref(), Some("r1"));
+    h.feed(r#"{"type":"proxy_response_header","request_id":"r1","payload":{"status":200}}"#)
+        .unwrap();
+    h.auto_pop = false;
+    // The client reads nothing: the agent fills the window; the tunnel is never paused.
+    for i in 0..RING as u8 {
+        h.feed(&chunk_json("r1", &[i; 10])).unwrap();
+    }
+    h.drive();
+    assert!(!h.take_events().contains(&Event::PauseTunnelReads));
+    // Other streams flow meanwhile.
+    h.feed(&data_json("s1", 2, b"other")).unwrap();
+    h.pop_all("s1");
+    assert_eq!(h.received("s1"), [(MessageKind::Binary, b"other".to_vec())]);
+    // Nothing more is granted until the client reads; then a quarter of the window comes back.
+    assert!(
+        h.take_sent()
+            .iter()
+            .all(|s| s.kind != "proxy_response_credit")
+    );
+    h.pop_all("r1");
+    h.drive();
+    let sent = h.take_sent();
+    assert!(
+        sent.iter().any(|s| s.kind == "proxy_response_credit"),
+        "{sent:?}"
+    );
+    assert_eq!(h.received("r1").len(), RING);
+    // An agent that sends past its credit loses that request, nothing else.
+    h.auto_pop = false;
+    let granted = RING; // what the grant after the drain gave back, at most
+    let mut refused = None;
+    for i in 0..=granted {
+        if let Err(e) = h.feed(&chunk_json("r1", &[i as u8; 10])) {
+            refused = Some(e);
+            break;
+        }
+    }
+    assert!(
+        matches!(refused, Some(TunnelError::Credit(_))),
+        "{refused:?}"
+    );
+    h.drive();
+    assert!(!h.take_events().contains(&Event::PauseTunnelReads));
+    assert!(h.take_sent().iter().any(|s| s.kind == "proxy_cancel"));
 }
 
 #[test]

@@ -117,7 +117,7 @@ fn close_json(id: &str, code: u16, reason: &str) -> String {
 
 fn register_success_json(extensions: bool) -> String {
     let ext = if extensions {
-        r#","extensions":{"websocket_started":true,"websocket_close_code":true,"proxy_error_status":true,"raw_upgrade":true}"#
+        r#","extensions":{"websocket_started":true,"websocket_close_code":true,"proxy_error_status":true,"raw_upgrade":true,"response_credit":true}"#
     } else {
         ""
     };

@@ -58,6 +58,7 @@ use core::fmt::{self, Write as _};
 
 use heapless::{Deque, String};
 
+use crate::credit::Credit;
 use crate::relay::{
     RequestError as ValidateError, validate_header_name, validate_header_value, validate_path,
     validate_query, validate_subprotocol_list,
@@ -276,6 +277,9 @@ struct Entry {
     /// Deadline for the whole exchange (`timeout`/`deadline`), or for the header only.
     deadline: Option<Instant>,
     deadline_covers_all: bool,
+    /// Extension `response_credit`: what the control plane granted for the body (send side);
+    /// `None`: no limit.
+    credit: Option<Credit>,
 }
 
 #[derive(Debug)]
@@ -482,6 +486,7 @@ impl<const N: usize> Requests<N> {
             upgrade: websocket,
             deadline,
             deadline_covers_all: covers_all,
+            credit: req.response_credit.then_some(Credit::ZERO),
         };
         // Cannot fail: fullness was checked above.
         let _ = self.entries.push(entry);
@@ -745,9 +750,32 @@ impl<const N: usize> Requests<N> {
         Ok(n)
     }
 
+    /// Whether request `id` may send a body chunk now: always, unless the control plane asked for
+    /// `response_credit` and its grants are used up (then wait for
+    /// [`handle_credit`](Self::handle_credit); stop reading the upstream meanwhile). `false` for
+    /// an unknown request.
+    #[must_use]
+    pub fn may_send_chunk(&self, id: &str) -> bool {
+        self.find(id)
+            .is_some_and(|i| self.entries[i].credit.is_none_or(|c| c.can_send()))
+    }
+
+    /// A `proxy_response_credit` for request `id`: `bytes` and `messages` more may be sent.
+    /// Returns whether the request is live (a grant for a finished one is a normal race).
+    pub fn handle_credit(&mut self, now: Instant, id: &str, bytes: u32, messages: u32) -> bool {
+        let Some(index) = self.find(id) else {
+            return false;
+        };
+        if let Some(credit) = self.entries[index].credit.as_mut() {
+            let _ = credit.on_grant(now, bytes, messages);
+        }
+        true
+    }
+
     /// Encodes one `proxy_response_chunk` of at most [`MAX_CHUNK`] bytes from the front of `data`
     /// for request `id`; returns `(bytes of data consumed, message length)`. Call again with the
-    /// rest.
+    /// rest, each time only when [`may_send_chunk`](Self::may_send_chunk) (the chunk takes one
+    /// message and its bytes of credit).
     ///
     /// # Errors
     /// [`ResponseError`] ([`Sequence`](ResponseError::Sequence) before the header); nothing changed.
@@ -767,6 +795,9 @@ impl<const N: usize> Requests<N> {
             data: &data[..take],
         }
         .encode(Some(WireStr::Plain(id)), unix, buf)?;
+        if let Some(credit) = self.entries[index].credit.as_mut() {
+            credit.on_sent(take);
+        }
         Ok((take, n))
     }
 

@@ -416,3 +416,38 @@ fn failure_before_and_after_header() {
     assert_eq!(v["payload"]["error"], "reset");
     assert!(t.is_empty());
 }
+
+#[test]
+fn response_credit_bounds_the_body_until_granted() {
+    let mut t = Table::default();
+    let f = request(
+        "r1",
+        r#"{"method":"GET","path":"/api/v1/namespaces/default/pods/demo/log","supports_response_streaming":true,"response_credit":true}"#,
+    );
+    start(&mut t, &f).unwrap();
+    let plain = request(
+        "r2",
+        r#"{"method":"GET","path":"/api/v1/pods","supports_response_streaming":true}"#,
+    );
+    start(&mut t, &plain).unwrap();
+    let mut buf = vec![0u8; 4096];
+    for id in ["r1", "r2"] {
+        t.encode_response_header(id, 200, &(), UNIX, &mut buf)
+            .unwrap();
+    }
+    // No grant yet: r1 must wait; a request without the extension never does.
+    assert!(!t.may_send_chunk("r1"));
+    assert!(t.may_send_chunk("r2"));
+    assert!(t.handle_credit(T0, "r1", 25, 2));
+    assert!(t.may_send_chunk("r1"));
+    t.encode_response_chunk("r1", &[1; 20], UNIX, &mut buf)
+        .unwrap();
+    assert!(t.may_send_chunk("r1"), "5 bytes and 1 message left");
+    t.encode_response_chunk("r1", &[1; 10], UNIX, &mut buf)
+        .unwrap();
+    assert!(!t.may_send_chunk("r1"), "credit used up");
+    assert!(t.handle_credit(T0, "r1", 100, 10));
+    assert!(t.may_send_chunk("r1"));
+    assert!(!t.handle_credit(T0, "gone", 1, 1));
+    assert!(!t.may_send_chunk("gone"));
+}

@@ -287,6 +287,8 @@ pub enum ControlMessage<'a> {
         supports_response_streaming: bool,
         /// `timeout` in milliseconds.
         timeout_ms: Option<u64>,
+        /// `response_credit`: the body comes back only within granted credit (extension).
+        response_credit: bool,
     },
     /// `proxy_request_chunk` `{data}`.
     ProxyRequestChunk {
@@ -297,6 +299,14 @@ pub enum ControlMessage<'a> {
     ProxyRequestStreamEnd,
     /// `proxy_cancel` `{}`.
     ProxyCancel,
+    /// `proxy_response_credit` `{bytes, messages}` (extension `response_credit`): the client
+    /// drained that much of the request's response; the agent may send as much more.
+    ProxyResponseCredit {
+        /// Bytes granted.
+        bytes: u32,
+        /// Messages granted.
+        messages: u32,
+    },
     /// `proxy_websocket_start` `{stream_id, method, path, query, headers, protocol?, upgrade?}`.
     WebSocketStart {
         /// The stream.
@@ -376,6 +386,7 @@ impl ControlMessage<'_> {
             Self::ProxyRequestChunk { .. } => "proxy_request_chunk",
             Self::ProxyRequestStreamEnd => "proxy_request_stream_end",
             Self::ProxyCancel => "proxy_cancel",
+            Self::ProxyResponseCredit { .. } => "proxy_response_credit",
             Self::WebSocketStart { .. } => "proxy_websocket_start",
             Self::WebSocketData { .. } => "proxy_websocket_data",
             Self::WebSocketClose { .. } => "proxy_websocket_close",
@@ -408,6 +419,10 @@ impl ControlMessage<'_> {
                 write_extensions(p, &extensions);
             }
             Self::HeartbeatAck | Self::Ping | Self::ProxyRequestStreamEnd | Self::ProxyCancel => {}
+            Self::ProxyResponseCredit { bytes, messages } => {
+                p.u64("bytes", bytes.into());
+                p.u64("messages", messages.into());
+            }
             Self::ProxyRequest {
                 method,
                 path,
@@ -417,6 +432,7 @@ impl ControlMessage<'_> {
                 streaming,
                 supports_response_streaming,
                 timeout_ms,
+                response_credit,
             } => {
                 p.wire_str("method", method);
                 p.wire_str("path", path);
@@ -436,6 +452,9 @@ impl ControlMessage<'_> {
                 }
                 if let Some(ms) = timeout_ms {
                     p.u64("timeout", ms);
+                }
+                if response_credit {
+                    p.bool("response_credit", true);
                 }
             }
             Self::ProxyRequestChunk { data } => p.base64("data", &[data]),

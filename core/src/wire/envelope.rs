@@ -93,7 +93,7 @@ impl<'a> Envelope<'a> {
 /// (control plane to agent) and of `register` (agent to control plane):
 ///
 /// ```json
-/// "extensions": {"websocket_started": true, "websocket_close_code": true, "proxy_error_status": true, "native_frames": true, "raw_upgrade": true}
+/// "extensions": {"websocket_started": true, "websocket_close_code": true, "proxy_error_status": true, "native_frames": true, "raw_upgrade": true, "response_credit": true}
 /// ```
 ///
 /// A missing object or member means "not supported" (a PipeOps peer sends none). Unknown
@@ -116,6 +116,10 @@ pub struct Extensions {
     /// e.g. SPDY/3.1, with its `method`); the stream is then an opaque byte pipe after the
     /// upstream's 101. Member `"raw_upgrade"`.
     pub raw_upgrade: bool,
+    /// `proxy_request` may carry `response_credit: true`: the agent then sends the response body
+    /// only within credit the control plane grants (`proxy_response_credit`), so a client that
+    /// stops reading holds only its own request. Member `"response_credit"`.
+    pub response_credit: bool,
 }
 
 impl Extensions {
@@ -126,6 +130,7 @@ impl Extensions {
         proxy_error_status: false,
         native: false,
         raw_upgrade: false,
+        response_credit: false,
     };
     /// Every extension this version knows.
     pub const ALL: Self = Self {
@@ -134,6 +139,7 @@ impl Extensions {
         proxy_error_status: true,
         native: true,
         raw_upgrade: true,
+        response_credit: true,
     };
 
     /// The extensions both `self` and `other` offer: what a tunnel uses once registered.
@@ -145,6 +151,7 @@ impl Extensions {
             proxy_error_status: self.proxy_error_status && other.proxy_error_status,
             native: self.native && other.native,
             raw_upgrade: self.raw_upgrade && other.raw_upgrade,
+            response_credit: self.response_credit && other.response_credit,
         }
     }
 
@@ -154,12 +161,13 @@ impl Extensions {
         let Some(obj) = opt_object(payload.get(F), F)? else {
             return Ok(Self::NONE);
         };
-        let [a, b, c, d, e] = obj.fields([
+        let [a, b, c, d, e, f] = obj.fields([
             "websocket_started",
             "websocket_close_code",
             "proxy_error_status",
             "native_frames",
             "raw_upgrade",
+            "response_credit",
         ]);
         Ok(Self {
             websocket_started: opt_bool(a, F)?,
@@ -167,6 +175,7 @@ impl Extensions {
             proxy_error_status: opt_bool(c, F)?,
             native: opt_bool(d, F)?,
             raw_upgrade: opt_bool(e, F)?,
+            response_credit: opt_bool(f, F)?,
         })
     }
 }

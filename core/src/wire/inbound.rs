@@ -27,6 +27,7 @@ pub const INBOUND_TYPE_NAMES: &[&str] = &[
     "proxy_request_chunk",
     "proxy_request_stream_end",
     "proxy_cancel",
+    "proxy_response_credit",
     "proxy_stream_data",
     "proxy_websocket_start",
     "ws_start",
@@ -67,6 +68,14 @@ pub enum Inbound<'a> {
     ProxyRequestStreamEnd,
     /// `proxy_cancel`: abandon the request named by the envelope's request id.
     ProxyCancel,
+    /// Tether extension `response_credit`: the control plane's client drained part of the
+    /// response of the request named by the envelope's request id; more body may be sent.
+    ProxyResponseCredit {
+        /// Bytes granted.
+        bytes: u32,
+        /// Messages (`proxy_response_chunk`s) granted.
+        messages: u32,
+    },
     /// `proxy_stream_data`: data for an app-service stream.
     ProxyStreamData {
         /// Base64 bytes.
@@ -212,6 +221,9 @@ pub struct ProxyRequest<'a> {
     pub service_name: Option<JsonStr<'a>>,
     /// `service_port` (service routing).
     pub service_port: Option<u16>,
+    /// Tether extension `response_credit`: send the response body only within the credit the
+    /// control plane grants with `proxy_response_credit` (none before the first grant).
+    pub response_credit: bool,
 }
 
 impl ProxyRequest<'_> {
@@ -330,6 +342,7 @@ enum Kind {
     ProxyRequestChunk,
     ProxyRequestStreamEnd,
     ProxyCancel,
+    ProxyResponseCredit,
     ProxyStreamData,
     WsStart,
     WsData,
@@ -352,6 +365,7 @@ const KINDS: &[(&str, Kind)] = &[
     ("proxy_websocket_close", Kind::WsClose),
     ("ws_close", Kind::WsClose),
     ("proxy_cancel", Kind::ProxyCancel),
+    ("proxy_response_credit", Kind::ProxyResponseCredit),
     ("proxy_stream_data", Kind::ProxyStreamData),
     ("ping", Kind::Ping),
     ("pong", Kind::Pong),
@@ -389,6 +403,7 @@ impl<'a> Inbound<'a> {
             Self::ProxyRequestChunk { .. } => "proxy_request_chunk",
             Self::ProxyRequestStreamEnd => "proxy_request_stream_end",
             Self::ProxyCancel => "proxy_cancel",
+            Self::ProxyResponseCredit { .. } => "proxy_response_credit",
             Self::ProxyStreamData { .. } => "proxy_stream_data",
             Self::WebSocketStart(_) => "proxy_websocket_start",
             Self::WebSocketData(_) => "proxy_websocket_data",
@@ -442,6 +457,17 @@ impl<'a> Envelope<'a> {
             }
             Kind::ProxyRequestStreamEnd => Inbound::ProxyRequestStreamEnd,
             Kind::ProxyCancel => Inbound::ProxyCancel,
+            Kind::ProxyResponseCredit => {
+                let [bytes, messages] = p.fields(["bytes", "messages"]);
+                let field = |v, name| -> Result<u32, DecodeError> {
+                    let n = opt_u64(v, name)?.ok_or(DecodeError::MissingField(name))?;
+                    u32::try_from(n).map_err(|_| DecodeError::InvalidValue(name))
+                };
+                Inbound::ProxyResponseCredit {
+                    bytes: field(bytes, "bytes")?,
+                    messages: field(messages, "messages")?,
+                }
+            }
             Kind::ProxyStreamData => Inbound::ProxyStreamData {
                 data: Base64Str(req_str(p.get("data"), "data")?),
             },
@@ -604,6 +630,7 @@ fn proxy_request(p: JsonObject<'_>) -> Result<ProxyRequest<'_>, DecodeError> {
         namespace,
         service_name,
         service_port,
+        response_credit,
     ] = p.fields([
         "method",
         "path",
@@ -634,6 +661,7 @@ fn proxy_request(p: JsonObject<'_>) -> Result<ProxyRequest<'_>, DecodeError> {
         "namespace",
         "service_name",
         "service_port",
+        "response_credit",
     ]);
     let base64 = opt_str(body_encoding, "body_encoding")?.is_some_and(|e| e == "base64");
     let body = match body.filter(|v| !v.is_null()) {
@@ -678,6 +706,7 @@ fn proxy_request(p: JsonObject<'_>) -> Result<ProxyRequest<'_>, DecodeError> {
         namespace: opt_str(namespace, "namespace")?,
         service_name: opt_str(service_name, "service_name")?,
         service_port: opt_u16(service_port, "service_port")?,
+        response_credit: opt_bool(response_credit, "response_credit")?,
     })
 }
 

@@ -527,5 +527,6 @@ pub(crate) fn write_extensions(p: &mut ObjectWriter<'_, '_>, e: &Extensions) {
         o.bool("proxy_error_status", e.proxy_error_status);
         o.bool("native_frames", e.native);
         o.bool("raw_upgrade", e.raw_upgrade);
+        o.bool("response_credit", e.response_credit);
     });
 }

@@ -218,7 +218,8 @@ async fn refused_streams_get_errors_and_others_are_untouched() {
     assert_eq!(live_stdout, b"still here\n");
     assert_eq!(close["payload"]["code"], 1000);
 
-    // Raw TCP tunnels reach beyond the Kubernetes API: refused with a clear close.
+    // Raw TCP tunnels reach beyond the Kubernetes API: without --allow-tcp, refused with a
+    // clear close naming the target and the flag.
     a.send(json!({"type": "tcp_tunnel_start", "request_id": "t1",
                   "payload": {"tunnel_id": "t1", "service_name": "db",
                               "service_namespace": "default", "service_port": 5432}}))
@@ -230,7 +231,7 @@ async fn refused_streams_get_errors_and_others_are_untouched() {
         c["payload"]["error"]
             .as_str()
             .unwrap()
-            .contains("not enabled"),
+            .contains("TCP to db:5432 is not allowed on this agent (--allow-tcp)"),
         "{c}"
     );
 }

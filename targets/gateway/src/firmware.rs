@@ -116,6 +116,13 @@ async fn net_task(mut runner: embassy_net::Runner<'static, Device>) -> ! {
     runner.run().await
 }
 
+/// What a gateway offers: it carries TCP tunnels, never HTTP requests or upgrades.
+const GATEWAY_EXTENSIONS: Extensions = Extensions {
+    raw_upgrade: false,
+    response_credit: false,
+    ..Extensions::ALL
+};
+
 /// The relay's configuration: rings that can fill their slots, tunnel messages up to the rx buffer.
 const RELAY_CONFIG: Config = Config {
     ring_bytes: budget::RING_BYTES,
@@ -125,7 +132,8 @@ const RELAY_CONFIG: Config = Config {
     heartbeat_interval: Duration::from_secs(30),
     ping_interval: Duration::from_secs(10),
     read_deadline: Duration::from_secs(60),
-    extensions: Extensions::ALL,
+    pause_limit: Duration::from_secs(30),
+    extensions: GATEWAY_EXTENSIONS,
     global_bytes: budget::GLOBAL_BYTES,
 };
 

@@ -144,6 +144,12 @@ fn run_on_this_thread(args: Args) -> ! {
         ring_bytes: budget::RING_BYTES,
         max_message: budget::RX_LEN,
         global_bytes: budget::GLOBAL_BYTES,
+        // A gateway carries TCP tunnels, never HTTP requests or upgrades.
+        extensions: tether_core::wire::Extensions {
+            raw_upgrade: false,
+            response_credit: false,
+            ..tether_core::wire::Extensions::ALL
+        },
         ..Config::default()
     };
     let config = Config {

@@ -14,6 +14,7 @@ use hyper_util::rt::TokioIo;
 use tokio::sync::mpsc;
 
 use super::session::FromTask;
+use super::upstream::StreamCtl;
 use crate::kube::{KubeTarget, headers};
 
 /// A request to send, owned (copied out of the tunnel message).
@@ -93,9 +94,15 @@ impl Drop for AbortOnDrop {
 }
 
 /// Sends the request and reports `HttpHeader`, `HttpChunk`s, then `HttpEnd` (or `HttpFailed`).
-pub(crate) async fn run(target: Arc<KubeTarget>, spec: HttpSpec, events: mpsc::Sender<FromTask>) {
+/// While `ctl.paused` (the control plane's credit for the body is used up) the body is not read.
+pub(crate) async fn run(
+    target: Arc<KubeTarget>,
+    spec: HttpSpec,
+    events: mpsc::Sender<FromTask>,
+    ctl: Arc<StreamCtl>,
+) {
     let id = spec.id.clone();
-    let outcome = exchange(&target, spec, &events).await;
+    let outcome = exchange(&target, spec, &events, &ctl).await;
     let event = match outcome {
         Ok(()) => FromTask::HttpEnd { id },
         Err((status, message)) => FromTask::HttpFailed {
@@ -111,6 +118,7 @@ async fn exchange(
     target: &KubeTarget,
     spec: HttpSpec,
     events: &mpsc::Sender<FromTask>,
+    ctl: &StreamCtl,
 ) -> Result<(), (u16, String)> {
     let mut uri = spec.path;
     if !spec.query.is_empty() {
@@ -164,7 +172,14 @@ async fn exchange(
     if events.send(header).await.is_err() {
         return Ok(());
     }
-    while let Some(frame) = body.frame().await {
+    loop {
+        if ctl.paused.load(std::sync::atomic::Ordering::Acquire) {
+            ctl.resume.notified().await;
+            continue;
+        }
+        let Some(frame) = body.frame().await else {
+            break;
+        };
         let frame = frame.map_err(|e| (502, format!("Kubernetes API response failed: {e}")))?;
         if let Ok(data) = frame.into_data()
             && !data.is_empty()

@@ -131,6 +131,13 @@ struct HttpHandle {
     _task: AbortOnDrop,
     body: Option<mpsc::Sender<Bytes>>,
     buffered: Option<Buffered>,
+    /// Response body read while the control plane's credit for it was used up
+    /// (`response_credit`), in order; the task does not read more meanwhile.
+    stash: VecDeque<Bytes>,
+    /// The response ended while `stash` still held body: end it once that is out.
+    ended: bool,
+    /// Stops and resumes the task's reading of the response body.
+    ctl: Arc<StreamCtl>,
 }
 
 /// Why tunnel reading is paused.
@@ -170,6 +177,8 @@ pub(crate) struct Session<'a> {
     rings: RingSampler,
     /// Plain HTTP requests refused while draining, answered 503 by the next flush.
     refused: Vec<String>,
+    /// Requests granted response credit since the last flush: send what they stashed.
+    credit_ready: Vec<String>,
 }
 
 fn unix_now() -> UnixTime {
@@ -221,6 +230,7 @@ pub(crate) async fn run(
         backlog: false,
         rings: RingSampler::default(),
         refused: Vec::new(),
+        credit_ready: Vec::new(),
     };
     let now = shared.now();
     s.relay.start_session(now, info);
@@ -350,6 +360,9 @@ impl Session<'_> {
     /// [`FLUSH_BUDGET`] bytes were written; then `backlog` says more is owed, and the session
     /// reads its inputs before writing on.
     async fn flush(&mut self) -> Result<(), String> {
+        for id in std::mem::take(&mut self.credit_ready) {
+            self.drain_stash(&id).await?;
+        }
         for id in std::mem::take(&mut self.refused) {
             let unix = unix_now();
             let r = self
@@ -769,6 +782,12 @@ impl Session<'_> {
                         }
                         Err(e) => debug!(request = id.as_str(), "stream end refused: {e}"),
                     },
+                    Inbound::ProxyResponseCredit { bytes, messages } => {
+                        debug!(request = id.as_str(), bytes, messages, "response credit");
+                        if self.requests.handle_credit(now, &id, bytes, messages) {
+                            self.credit_ready.push(id.clone());
+                        }
+                    }
                     Inbound::ProxyCancel => match self.requests.handle_cancel(&id) {
                         Cancelled::Request => {
                             self.http.remove(&id);
@@ -920,7 +939,13 @@ impl Session<'_> {
             headers,
             body,
         };
-        let run = http::run(self.shared.kube.clone(), spec, self.events_tx.clone());
+        let ctl = Arc::new(StreamCtl::default());
+        let run = http::run(
+            self.shared.kube.clone(),
+            spec,
+            self.events_tx.clone(),
+            ctl.clone(),
+        );
         let task = tokio::spawn(self.shared.metrics.timed(StreamKind::Http, run));
         self.http.insert(
             id,
@@ -928,6 +953,9 @@ impl Session<'_> {
                 _task: AbortOnDrop::new(task),
                 body: body_tx,
                 buffered: None,
+                stash: VecDeque::new(),
+                ended: false,
+                ctl,
             },
         );
     }
@@ -1131,23 +1159,21 @@ impl Session<'_> {
                     }
                     return Ok(());
                 }
-                let mut rest: &[u8] = &data;
-                while !rest.is_empty() {
-                    let unix = unix_now();
-                    let r = self
-                        .requests
-                        .encode_response_chunk(&id, rest, unix, self.txbuf);
-                    let used = match &r {
-                        Ok((used, _)) => *used,
-                        Err(_) => rest.len(),
-                    };
-                    if !self.response_written(&id, r).await? {
-                        break;
-                    }
-                    rest = &rest[used..];
+                if let Some(h) = self.http.get_mut(&id)
+                    && !h.stash.is_empty()
+                {
+                    h.stash.push_back(data);
+                    return Ok(());
                 }
+                self.send_body(&id, data).await?;
             }
             FromTask::HttpEnd { id } => {
+                if let Some(h) = self.http.get_mut(&id)
+                    && !h.stash.is_empty()
+                {
+                    h.ended = true;
+                    return Ok(());
+                }
                 let unix = unix_now();
                 let buffered = self.http.remove(&id).and_then(|h| h.buffered);
                 let r = match buffered {
@@ -1186,6 +1212,64 @@ impl Session<'_> {
     }
 
     /// Writes an encoded response message; returns whether the request is still live.
+    /// Sends `data` as response chunks of request `id` while its credit allows; what does not
+    /// fit is stashed and the task stops reading the body until the next grant.
+    async fn send_body(&mut self, id: &str, data: Bytes) -> Result<(), String> {
+        let mut at = 0;
+        while at < data.len() {
+            if !self.requests.may_send_chunk(id) {
+                debug!(request = id, "response credit used up: body paused");
+                if let Some(h) = self.http.get_mut(id) {
+                    h.ctl.paused.store(true, Ordering::Release);
+                    h.stash.push_front(data.slice(at..));
+                }
+                return Ok(());
+            }
+            let unix = unix_now();
+            let r = self
+                .requests
+                .encode_response_chunk(id, &data[at..], unix, self.txbuf);
+            let used = match &r {
+                Ok((used, _)) => *used,
+                Err(_) => data.len() - at,
+            };
+            if !self.response_written(id, r).await? {
+                return Ok(());
+            }
+            at += used;
+        }
+        Ok(())
+    }
+
+    /// After a grant: sends what request `id` stashed as its credit allows; once the stash is
+    /// empty the task reads on (or the response ends, if it already did).
+    async fn drain_stash(&mut self, id: &str) -> Result<(), String> {
+        loop {
+            // Out of credit again (what did not fit went back to the front): wait for the next
+            // grant.
+            if !self.requests.may_send_chunk(id) {
+                return Ok(());
+            }
+            let Some(chunk) = self.http.get_mut(id).and_then(|h| h.stash.pop_front()) else {
+                break;
+            };
+            self.send_body(id, chunk).await?;
+        }
+        let Some(h) = self.http.get_mut(id) else {
+            return Ok(());
+        };
+        if h.ended {
+            self.http.remove(id);
+            let unix = unix_now();
+            let r = self.requests.encode_response_end(id, unix, self.txbuf);
+            self.response_written(id, r.map(|n| (0, n))).await?;
+        } else if self.requests.may_send_chunk(id) {
+            h.ctl.paused.store(false, Ordering::Release);
+            h.ctl.resume.notify_one();
+        }
+        Ok(())
+    }
+
     async fn response_written(
         &mut self,
         id: &str,

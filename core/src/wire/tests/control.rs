@@ -267,6 +267,7 @@ fn every_control_message_decodes_on_the_agent() {
             streaming: true,
             supports_response_streaming: true,
             timeout_ms: Some(1500),
+            response_credit: true,
         },
         "r",
         &mut buf,
@@ -274,7 +275,7 @@ fn every_control_message_decodes_on_the_agent() {
         panic!()
     };
     assert!(p.method.unwrap() == "POST" && p.query.unwrap() == "watch=1");
-    assert!(p.streaming && p.supports_response_streaming);
+    assert!(p.streaming && p.supports_response_streaming && p.response_credit);
     assert_eq!(p.timeout_ms, Some(1500));
     let Some(Body::Base64(b)) = p.body else {
         panic!()
@@ -296,6 +297,20 @@ fn every_control_message_decodes_on_the_agent() {
     assert_eq!(
         control(&ControlMessage::ProxyCancel, "r", &mut buf),
         Inbound::ProxyCancel
+    );
+    assert_eq!(
+        control(
+            &ControlMessage::ProxyResponseCredit {
+                bytes: 1 << 20,
+                messages: 100
+            },
+            "r",
+            &mut buf
+        ),
+        Inbound::ProxyResponseCredit {
+            bytes: 1 << 20,
+            messages: 100
+        }
     );
     let Inbound::WebSocketStart(s) = control(
         &ControlMessage::WebSocketStart {

@@ -380,6 +380,7 @@ fn other_inbound_types() {
             proxy_error_status: true,
             native: false,
             raw_upgrade: false,
+            response_credit: false,
         }
     );
     let Inbound::RegisterSuccess(r) =
@@ -463,7 +464,7 @@ fn other_inbound_types() {
 fn every_catalogue_name_decodes() {
     for name in crate::wire::INBOUND_TYPE_NAMES {
         let src = std::format!(
-            r#"{{"type":"{name}","request_id":"r","payload":{{"stream_id":"s","cluster_id":"c","data":"AQ=="}}}}"#
+            r#"{{"type":"{name}","request_id":"r","payload":{{"stream_id":"s","cluster_id":"c","data":"AQ==","bytes":1,"messages":1}}}}"#
         );
         let msg = decode(&src).unwrap();
         assert!(!matches!(msg, Inbound::Unknown { .. }), "{name}");
