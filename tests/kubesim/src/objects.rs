@@ -287,27 +287,21 @@ fn watch(
                 .map_err(|_| ApiError::bad_request(format!("invalid resourceVersion {rv:?}")))?,
         ),
     };
-    // Without a resourceVersion a watch starts with the current objects, as ADDED events.
-    let initial = match from {
+    // Without a resourceVersion a watch starts with the current objects, as ADDED events, then
+    // every change after the resourceVersion of that list (none lost in between).
+    let (initial, from) = match from {
         None => {
-            state
-                .store
-                .list(
-                    resource,
-                    namespace,
-                    &ListOptions {
-                        limit: 0,
-                        continue_token: None,
-                        ..opts.clone()
-                    },
-                )?
-                .items
+            let all = ListOptions {
+                limit: 0,
+                continue_token: None,
+                ..opts.clone()
+            };
+            let page = state.store.list(resource, namespace, &all)?;
+            (page.items, page.rv)
         }
-        Some(_) => Vec::new(),
+        Some(rv) => (Vec::new(), rv),
     };
-    let (replay, live) = state
-        .store
-        .watch(from.or(Some(state.store.rv())), &filter)?;
+    let (replay, live) = state.store.watch(Some(from), &filter)?;
     let timeout = query
         .get("timeoutSeconds")
         .and_then(|t| t.parse::<u64>().ok())
