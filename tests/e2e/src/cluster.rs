@@ -309,7 +309,7 @@ impl Cluster {
                 &log,
             );
             let up = loop {
-                if TcpStream::connect_timeout(&addr, Duration::from_millis(200)).is_ok() {
+                if is_listening(addr) {
                     break true;
                 }
                 if cp.try_exit().is_some() || Instant::now() > deadline {
@@ -726,7 +726,7 @@ pub fn spawn_listening(
         let mut proc = Proc::spawn(name, make(addr), log);
         let deadline = Instant::now() + LISTEN_TIMEOUT;
         loop {
-            if TcpStream::connect_timeout(&addr, Duration::from_millis(200)).is_ok() {
+            if is_listening(addr) {
                 return (proc, addr);
             }
             if let Some(status) = proc.try_exit() {
@@ -750,6 +750,14 @@ pub fn spawn_listening(
         }
     }
     panic!("tether-e2e: {name}: no free port after 3 attempts");
+}
+
+/// Whether something listens on `addr`. On loopback a connect to a port nobody listens on can,
+/// rarely, pick that same port as its source and connect to itself (TCP simultaneous open):
+/// that is not a listener, and would let a test go on before its process is up.
+fn is_listening(addr: SocketAddr) -> bool {
+    TcpStream::connect_timeout(&addr, Duration::from_millis(200))
+        .is_ok_and(|probe| probe.local_addr().ok() != probe.peer_addr().ok())
 }
 
 /// A random token with a readable prefix.
