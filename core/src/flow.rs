@@ -1,5 +1,7 @@
 //! Reading flow notices shared by the relay and the gateway.
 
+use crate::keepalive::Keepalive;
+use crate::relay::Close;
 use crate::time::{Duration, Instant};
 
 /// A pending "stop/resume reading" notice; a later notice replaces an unpolled earlier one.
@@ -65,8 +67,38 @@ impl<B> TunnelPause<B> {
         self.since.map(|since| since + limit)
     }
 
+    /// The pause's part of a timer tick at `now`: a paused reader counts as tunnel activity (a
+    /// tunnel we do not read is not silent). Returns whether the pause is past `limit`: close the
+    /// stream it waits for with [`stall_close`].
+    pub(crate) fn on_timeout(
+        &self,
+        now: Instant,
+        limit: Duration,
+        keepalive: &mut Keepalive,
+        read_deadline: Duration,
+    ) -> bool {
+        if self.blocked.is_some() {
+            keepalive.activity(now, read_deadline);
+        }
+        self.limit_at(limit).is_some_and(|t| t <= now)
+    }
+
     /// The owed pause/resume notice, if any; clears it.
     pub(crate) fn take_notice(&mut self) -> Option<Flow> {
         self.notice.take()
     }
+}
+
+/// The close (1008, with the reason) for a stream whose `consumer` (`client`, `upstream`) took
+/// nothing for `limit` while the paused tunnel waited for it.
+pub(crate) fn stall_close(consumer: &str, limit: Duration) -> Close {
+    let mut reason: heapless::String<{ crate::relay::MAX_CLOSE_REASON }> = heapless::String::new();
+    let _ = core::fmt::write(
+        &mut reason,
+        format_args!(
+            "stalled: the {consumer} took nothing for {} s (compat wire mode)",
+            limit.as_millis() / 1000
+        ),
+    );
+    Close::new(1008, reason.as_str())
 }

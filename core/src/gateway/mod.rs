@@ -103,9 +103,8 @@ use crate::flow::TunnelPause;
 use crate::keepalive::Keepalive;
 use crate::recent::RecentlyClosed;
 use crate::relay::{
-    Close, MAX_CLOSE_REASON, MAX_FAILURE_MESSAGE, MAX_SUBPROTOCOL, Message, MessageKind,
-    PayloadBuf, SendError, Transmit, TransmitError, validate_path, validate_query,
-    validate_subprotocol_list,
+    Close, MAX_FAILURE_MESSAGE, MAX_SUBPROTOCOL, Message, MessageKind, PayloadBuf, SendError,
+    Transmit, TransmitError, validate_path, validate_query, validate_subprotocol_list,
 };
 use crate::ring::DEFAULT_RING_MESSAGES;
 use crate::stream_id::{MAX_STREAM_ID_LEN, StreamId};
@@ -1470,16 +1469,14 @@ impl<M: PayloadBuf, const STREAMS: usize, const RING: usize> Gateway<M, STREAMS,
     /// [`Config::pause_limit`] is closed on both sides with a reason, alone.
     pub fn handle_timeout(&mut self, now: Instant) {
         self.clock = now;
-        if self.pause.blocker().is_some() {
-            self.session
-                .keepalive
-                .activity(now, self.config.read_deadline);
-        }
-        if self
-            .pause
-            .limit_at(self.config.pause_limit)
-            .is_some_and(|t| t <= now)
-        {
+        let c = &self.config;
+        let overdue = self.pause.on_timeout(
+            now,
+            c.pause_limit,
+            &mut self.session.keepalive,
+            c.read_deadline,
+        );
+        if overdue {
             self.close_pausing_stream();
         }
         let s = &mut self.session;
@@ -1548,18 +1545,10 @@ impl<M: PayloadBuf, const STREAMS: usize, const RING: usize> Gateway<M, STREAMS,
             self.check_unblock();
             return;
         };
-        let limit = self.config.pause_limit.as_millis() / 1000;
-        warn!(
-            "stream {}: its client read nothing for {} s while the tunnel waited for it: closed",
-            id, limit
-        );
+        let close = crate::flow::stall_close("client", self.config.pause_limit);
+        warn!("stream {}: closed: {}", id, close.reason.as_str());
         self.stats.stalled_streams_closed += 1;
-        let mut reason: String<MAX_CLOSE_REASON> = String::new();
-        let _ = write!(
-            reason,
-            "stalled: the client read nothing for {limit} s (compat wire mode)"
-        );
-        self.close_both(slot, Close::new(1008, reason.as_str()));
+        self.close_both(slot, close);
     }
 
     // ---------------------------------------------------------------------------------------------

@@ -947,21 +947,13 @@ impl<M: PayloadBuf, const STREAMS: usize, const RING: usize> Relay<M, STREAMS, R
             self.check_unblock();
             return;
         };
-        let limit = self.config.pause_limit.as_millis() / 1000;
-        warn!(
-            "stream {}: its upstream took nothing for {} s while the tunnel waited for it: closed",
-            id, limit
-        );
+        let close = crate::flow::stall_close("upstream", self.config.pause_limit);
+        warn!("stream {}: closed: {}", id, close.reason.as_str());
         self.stats.stalled_streams_closed += 1;
         if let Some(entry) = self.streams.at_mut(slot) {
             self.stats.discarded_messages += entry.value.to_upstream.clear().0 as u64;
         }
-        let mut reason: heapless::String<MAX_CLOSE_REASON> = heapless::String::new();
-        let _ = core::fmt::write(
-            &mut reason,
-            format_args!("stalled: the upstream took nothing for {limit} s (compat wire mode)"),
-        );
-        self.close_from_tunnel(now, slot, Close::new(1008, reason.as_str()));
+        self.close_from_tunnel(now, slot, close);
         self.check_unblock();
     }
 
@@ -1225,17 +1217,14 @@ impl<M: PayloadBuf, const STREAMS: usize, const RING: usize> Relay<M, STREAMS, R
     /// abandoned with [`Event::CloseUpstream`]) and close timeouts.
     pub fn handle_timeout(&mut self, now: Instant) {
         self.clock = now;
-        if self.pause.blocker().is_some() {
-            // A tunnel we do not read is not silent.
-            self.session
-                .keepalive
-                .activity(now, self.config.read_deadline);
-        }
-        if self
-            .pause
-            .limit_at(self.config.pause_limit)
-            .is_some_and(|t| t <= now)
-        {
+        let c = &self.config;
+        let overdue = self.pause.on_timeout(
+            now,
+            c.pause_limit,
+            &mut self.session.keepalive,
+            c.read_deadline,
+        );
+        if overdue {
             self.close_pausing_stream(now);
         }
         let s = &mut self.session;

@@ -140,12 +140,11 @@ impl PipeOpsAgent {
                             payload: v["payload"].clone(),
                         };
                         log.lock().unwrap().push(item.clone());
-                        let reply = if kind == "proxy_request" {
+                        let mut reply = if kind == "proxy_request" {
                             forward(&target, &item).await
                         } else {
                             json!({"type": "proxy_error", "request_id": id, "payload": {"request_id": id, "error": "streams are not scripted"}})
                         };
-                        let mut reply = reply;
                         reply["request_id"] = id;
                         let _ = ws.send(Message::text(reply.to_string())).await;
                     }

@@ -100,8 +100,6 @@ async fn pipeops_agent_gets_its_service_token_as_the_bearer() {
     );
 
     // The token never reaches the control plane's log.
-    let mut c = c;
-    c.note("checking the control plane log");
     let log = std::fs::read_to_string(c.dir().join("control-plane.log")).unwrap_or_default();
     assert!(!log.is_empty(), "control plane log");
     assert!(

@@ -71,7 +71,7 @@ fn compat_stalled_exec_reader_is_closed_alone_and_the_tunnel_lives_on() {
 
     let cp_log = c.control_plane().expect("control plane").log();
     assert!(
-        cp_log.contains("read nothing for 30 s"),
+        cp_log.contains("stalled: the client took nothing for 30 s"),
         "no stalled-stream close in the control plane log"
     );
     assert!(

@@ -301,7 +301,7 @@ fn watch(
         }
         Some(rv) => (Vec::new(), rv),
     };
-    let (replay, live) = state.store.watch(Some(from), &filter)?;
+    let (replay, live) = state.store.watch(from, &filter)?;
     let timeout = query
         .get("timeoutSeconds")
         .and_then(|t| t.parse::<u64>().ok())

@@ -323,14 +323,9 @@ impl Store {
     /// The events after `from` that `filter` matches, then a receiver of every later event
     /// (filter those with [`Filter::matches`]). `410 Gone` when `from` is older than the
     /// kept history.
-    pub fn watch(
-        &self,
-        from: Option<u64>,
-        filter: &Filter,
-    ) -> Result<(Vec<Arc<Event>>, Live), ApiError> {
+    pub fn watch(&self, from: u64, filter: &Filter) -> Result<(Vec<Arc<Event>>, Live), ApiError> {
         let inner = self.lock();
         let rx = self.events.subscribe();
-        let from = from.unwrap_or(inner.rv);
         let oldest = inner.history.front().map_or(inner.rv, |e| e.rv - 1);
         if from < oldest {
             return Err(ApiError::new(
@@ -503,7 +498,7 @@ mod tests {
             &ListOptions::default(),
         )
         .unwrap();
-        let (_, mut rx) = store.watch(None, &filter).unwrap();
+        let (_, mut rx) = store.watch(store.rv(), &filter).unwrap();
         let b = store
             .update(&key("a"), |o| {
                 o["data"]["x"] = json!("2");
@@ -518,7 +513,7 @@ mod tests {
         assert_eq!((first.kind, first.rv), (EventType::Modified, 3));
         assert_eq!(rx.try_recv().unwrap().kind, EventType::Deleted);
         // A watch from rv 2 replays both changes.
-        let (replay, _) = store.watch(Some(2), &filter).unwrap();
+        let (replay, _) = store.watch(2, &filter).unwrap();
         assert_eq!(replay.len(), 2);
         assert_eq!(store.get(&key("a")).unwrap_err().code, 404);
     }

@@ -40,16 +40,22 @@ pub fn is_spdy(headers: &HeaderMap) -> bool {
     has_token(headers, header::UPGRADE, "spdy/3.1")
 }
 
-/// The offered subprotocols, in order (comma lists and repeated headers both allowed).
-pub fn offered_protocols(headers: &HeaderMap) -> Vec<String> {
+/// The comma-separated values of header `name` in order, over repeated headers, trimmed and
+/// without empty ones.
+fn list(headers: &HeaderMap, name: &str) -> Vec<String> {
     headers
-        .get_all(header::SEC_WEBSOCKET_PROTOCOL)
+        .get_all(name)
         .iter()
         .filter_map(|v| v.to_str().ok())
         .flat_map(|s| s.split(','))
         .map(|s| s.trim().to_string())
         .filter(|s| !s.is_empty())
         .collect()
+}
+
+/// The offered subprotocols, in order (comma lists and repeated headers both allowed).
+pub fn offered_protocols(headers: &HeaderMap) -> Vec<String> {
+    list(headers, "sec-websocket-protocol")
 }
 
 /// Checks the handshake headers and returns the `Sec-WebSocket-Accept` value.
@@ -72,14 +78,7 @@ pub fn accept_key(headers: &HeaderMap) -> Result<String, ApiError> {
 
 /// The offered `X-Stream-Protocol-Version`s of a SPDY upgrade, in order.
 pub fn offered_stream_protocols(headers: &HeaderMap) -> Vec<String> {
-    headers
-        .get_all("x-stream-protocol-version")
-        .iter()
-        .filter_map(|v| v.to_str().ok())
-        .flat_map(|s| s.split(','))
-        .map(|s| s.trim().to_string())
-        .filter(|s| !s.is_empty())
-        .collect()
+    list(headers, "x-stream-protocol-version")
 }
 
 /// Picks the first offered SPDY stream protocol that is `supported` (as the kubelet's

@@ -114,6 +114,36 @@ pub(crate) async fn run(
     let _ = events.send(event).await;
 }
 
+/// A connection to the Kubernetes API, HTTP/1.1 handshake done: the request sender and the
+/// connection future to drive; 502 with the reason when either step fails.
+pub(crate) async fn handshake<B>(
+    target: &KubeTarget,
+) -> Result<
+    (
+        hyper::client::conn::http1::SendRequest<B>,
+        hyper::client::conn::http1::Connection<TokioIo<crate::kube::KubeStream>, B>,
+    ),
+    (u16, String),
+>
+where
+    B: Body + 'static,
+    B::Data: Send,
+    B::Error: Into<Box<dyn std::error::Error + Send + Sync>>,
+{
+    let stream = target
+        .connect()
+        .await
+        .map_err(|e| (502, format!("cannot reach the Kubernetes API: {e}")))?;
+    hyper::client::conn::http1::handshake(TokioIo::new(stream))
+        .await
+        .map_err(|e| {
+            (
+                502,
+                format!("HTTP handshake with the Kubernetes API failed: {e}"),
+            )
+        })
+}
+
 async fn exchange(
     target: &KubeTarget,
     spec: HttpSpec,
@@ -137,18 +167,7 @@ async fn exchange(
     let request = builder
         .body(spec.body)
         .map_err(|e| (400, format!("invalid upstream request: {e}")))?;
-    let stream = target
-        .connect()
-        .await
-        .map_err(|e| (502, format!("cannot reach the Kubernetes API: {e}")))?;
-    let (mut sender, connection) = hyper::client::conn::http1::handshake(TokioIo::new(stream))
-        .await
-        .map_err(|e| {
-            (
-                502,
-                format!("HTTP handshake with the Kubernetes API failed: {e}"),
-            )
-        })?;
+    let (mut sender, connection) = handshake(target).await?;
     // Owned by this task: aborting the task closes the connection.
     let _connection = AbortOnDrop::new(tokio::spawn(async move {
         let _ = connection.await;

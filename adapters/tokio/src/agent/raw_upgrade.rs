@@ -63,18 +63,7 @@ pub(crate) async fn dial(
     let request = builder
         .body(Empty::<Bytes>::new())
         .map_err(|e| (400, format!("invalid upstream request: {e}")))?;
-    let stream = target
-        .connect()
-        .await
-        .map_err(|e| (502, format!("cannot reach the Kubernetes API: {e}")))?;
-    let (mut sender, connection) = hyper::client::conn::http1::handshake(TokioIo::new(stream))
-        .await
-        .map_err(|e| {
-            (
-                502,
-                format!("HTTP handshake with the Kubernetes API failed: {e}"),
-            )
-        })?;
+    let (mut sender, connection) = super::http::handshake(target).await?;
     // Drives the exchange, then hands the connection over to the upgrade; ends with it.
     tokio::spawn(async move {
         let _ = connection.with_upgrades().await;

@@ -38,31 +38,28 @@ const MAX_BODY: usize = 12 << 20;
 /// How long to wait for the client's answer to our close frame.
 const CLOSE_GRACE: Duration = Duration::from_secs(5);
 
+/// Whether header `name` lists `token` (comma lists and repeated headers, ASCII case ignored).
+fn has_token(headers: &HeaderMap, name: header::HeaderName, token: &str) -> bool {
+    headers.get_all(name).iter().any(|v| {
+        v.to_str()
+            .is_ok_and(|v| v.split(',').any(|t| t.trim().eq_ignore_ascii_case(token)))
+    })
+}
+
 /// Whether `headers` ask for a WebSocket upgrade (`Connection: upgrade` and `Upgrade: websocket`).
 pub(crate) fn is_websocket_upgrade(headers: &HeaderMap) -> bool {
-    let has_token = |name: header::HeaderName, token: &str| {
-        headers.get_all(name).iter().any(|v| {
-            v.to_str()
-                .is_ok_and(|v| v.split(',').any(|t| t.trim().eq_ignore_ascii_case(token)))
-        })
-    };
-    has_token(header::CONNECTION, "upgrade") && has_token(header::UPGRADE, "websocket")
+    has_token(headers, header::CONNECTION, "upgrade")
+        && has_token(headers, header::UPGRADE, "websocket")
 }
 
 /// The `Upgrade` token of a raw (non-WebSocket) HTTP/1.1 upgrade, such as kubectl's `SPDY/3.1`:
 /// `Connection: upgrade` and an `Upgrade` that does not name WebSocket.
 pub(crate) fn raw_upgrade_token(headers: &HeaderMap) -> Option<String> {
-    let upgrade_connection = headers.get_all(header::CONNECTION).iter().any(|v| {
-        v.to_str().is_ok_and(|v| {
-            v.split(',')
-                .any(|t| t.trim().eq_ignore_ascii_case("upgrade"))
-        })
-    });
     let token = headers.get(header::UPGRADE)?.to_str().ok()?.trim();
-    let websocket = token
-        .split(',')
-        .any(|t| t.trim().eq_ignore_ascii_case("websocket"));
-    (upgrade_connection && !token.is_empty() && !websocket).then(|| token.to_string())
+    let raw = has_token(headers, header::CONNECTION, "upgrade")
+        && !token.is_empty()
+        && !has_token(headers, header::UPGRADE, "websocket");
+    raw.then(|| token.to_string())
 }
 
 /// The offered `X-Stream-Protocol-Version`s, comma separated, in order.
@@ -161,11 +158,8 @@ pub(crate) async fn handle(
             user,
             link,
         };
-        if cmd.send(Cmd::OpenStream(open)).is_err() {
-            return status_response(
-                502,
-                &format!("the agent of cluster \"{cluster}\" went away"),
-            );
+        if let Some(refused) = send_open(&cmd, Cmd::OpenStream(open), cluster) {
+            return refused;
         }
         let stream = ClientStream {
             rx,
@@ -197,11 +191,8 @@ pub(crate) async fn handle(
             user,
             link,
         };
-        if cmd.send(Cmd::OpenStream(open)).is_err() {
-            return status_response(
-                502,
-                &format!("the agent of cluster \"{cluster}\" went away"),
-            );
+        if let Some(refused) = send_open(&cmd, Cmd::OpenStream(open), cluster) {
+            return refused;
         }
         let stream = ClientStream {
             rx,
@@ -228,11 +219,8 @@ pub(crate) async fn handle(
             body,
             link,
         };
-        if cmd.send(Cmd::OpenRequest(open)).is_err() {
-            return status_response(
-                502,
-                &format!("the agent of cluster \"{cluster}\" went away"),
-            );
+        if let Some(refused) = send_open(&cmd, Cmd::OpenRequest(open), cluster) {
+            return refused;
         }
         let stream = ClientStream {
             rx,
@@ -242,6 +230,16 @@ pub(crate) async fn handle(
         };
         request(stream, &state.metrics, method).await
     }
+}
+
+/// Hands `open` to the cluster's tunnel task; `Some` 502 for the client when that task is gone.
+fn send_open(cmd: &mpsc::UnboundedSender<Cmd>, open: Cmd, cluster: &str) -> Option<Response<Body>> {
+    cmd.send(open).is_err().then(|| {
+        status_response(
+            502,
+            &format!("the agent of cluster \"{cluster}\" went away"),
+        )
+    })
 }
 
 /// One client stream handed to the tunnel task: its channel ends, the guard that frees it, and its
