@@ -243,6 +243,7 @@ impl<const RING: usize> Pair<RING> {
             protocols: PROTOCOL,
             upgrade: None,
             user: Some("alice"),
+            groups: &[],
         };
         self.gw
             .open_stream(self.now, EPOCH, &req, &mut self.scratch)

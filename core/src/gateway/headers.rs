@@ -45,12 +45,14 @@ pub fn is_forwarded(name: &[u8]) -> bool {
 }
 
 /// The client's headers as they reach the agent: [`is_forwarded`] ones in order, then
-/// `Impersonate-User: <user>` when a user is given, then `Authorization: <bearer>` when the agent
+/// `Impersonate-User: <user>` when a user is given and one `Impersonate-Group` per group (only
+/// with a user), then `Authorization: <bearer>` when the agent
 /// needs the control plane to authenticate for it (a PipeOps agent's `k8s_service_token`).
 #[derive(Clone, Copy)]
 pub(crate) struct Forwarded<'a> {
     pub(crate) inner: &'a dyn HeaderList,
     pub(crate) user: Option<&'a str>,
+    pub(crate) groups: &'a [&'a str],
     pub(crate) bearer: Option<&'a str>,
 }
 
@@ -60,12 +62,21 @@ impl core::fmt::Debug for Forwarded<'_> {
         f.debug_struct("Forwarded")
             .field("inner", &self.inner)
             .field("user", &self.user)
+            .field("groups", &self.groups)
             .field("bearer", &self.bearer.map(|_| "<redacted>"))
             .finish()
     }
 }
 
 impl Forwarded<'_> {
+    fn groups(&self) -> &[&str] {
+        if self.user.is_some() {
+            self.groups
+        } else {
+            &[]
+        }
+    }
+
     fn kept(&self) -> impl Iterator<Item = (&[u8], &[u8])> + '_ {
         (0..self.inner.count())
             .map(|i| self.inner.pair(i))
@@ -87,22 +98,35 @@ impl Forwarded<'_> {
             }
             validate_header_value(user.chars())?;
         }
+        for group in self.groups() {
+            if group.is_empty() {
+                return Err(RequestError::HeaderValue);
+            }
+            validate_header_value(group.chars())?;
+        }
         Ok(())
     }
 }
 
 impl HeaderList for Forwarded<'_> {
     fn count(&self) -> usize {
-        self.kept().count() + usize::from(self.user.is_some()) + usize::from(self.bearer.is_some())
+        self.kept().count()
+            + usize::from(self.user.is_some())
+            + self.groups().len()
+            + usize::from(self.bearer.is_some())
     }
 
     fn pair(&self, i: usize) -> (&[u8], &[u8]) {
-        let added = [
-            self.user.map(|u| (&b"Impersonate-User"[..], u.as_bytes())),
-            self.bearer.map(|b| (&b"Authorization"[..], b.as_bytes())),
-        ];
+        let user = self.user.map(|u| (&b"Impersonate-User"[..], u.as_bytes()));
+        let groups = self
+            .groups()
+            .iter()
+            .map(|g| (&b"Impersonate-Group"[..], g.as_bytes()));
+        let bearer = self.bearer.map(|b| (&b"Authorization"[..], b.as_bytes()));
         self.kept()
-            .chain(added.into_iter().flatten())
+            .chain(user)
+            .chain(groups)
+            .chain(bearer)
             .nth(i)
             .unwrap_or((&[], &[]))
     }

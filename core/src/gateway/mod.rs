@@ -158,6 +158,9 @@ pub struct StreamRequest<'a> {
     /// Authenticated user, sent as `Impersonate-User`; `None` sends no impersonation (every
     /// client-sent `Impersonate-*` is dropped either way).
     pub user: Option<&'a str>,
+    /// The user's groups, each sent as `Impersonate-Group` after `Impersonate-User` (only with a
+    /// user; Kubernetes refuses groups without one).
+    pub groups: &'a [&'a str],
 }
 
 /// A client HTTP request to forward. See [`Gateway::open_request`].
@@ -175,6 +178,8 @@ pub struct HttpRequest<'a> {
     pub headers: &'a dyn HeaderList,
     /// Authenticated user, sent as `Impersonate-User`.
     pub user: Option<&'a str>,
+    /// The user's groups, as [`StreamRequest::groups`].
+    pub groups: &'a [&'a str],
     /// The whole request body (may be empty).
     pub body: &'a [u8],
 }
@@ -376,6 +381,7 @@ impl<M: PayloadBuf, const STREAMS: usize, const RING: usize> Gateway<M, STREAMS,
         let headers = Forwarded {
             inner: req.headers,
             user: req.user,
+            groups: req.groups,
             bearer: self.upstream_bearer(),
         };
         headers.validate()?;
@@ -444,6 +450,7 @@ impl<M: PayloadBuf, const STREAMS: usize, const RING: usize> Gateway<M, STREAMS,
         let headers = Forwarded {
             inner: req.headers,
             user: req.user,
+            groups: req.groups,
             bearer: self.upstream_bearer(),
         };
         headers.validate()?;

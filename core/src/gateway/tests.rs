@@ -252,6 +252,7 @@ impl Harness {
             protocols: "v5.channel.k8s.io",
             upgrade: None,
             user: Some("alice"),
+            groups: &[],
         };
         let r = self
             .gw
@@ -280,6 +281,7 @@ impl Harness {
             query: "follow=true",
             headers: &[("Accept", "application/json"), ("Impersonate-Uid", "0")],
             user: Some("alice"),
+            groups: &[],
             body: b"",
         };
         let r = self
@@ -387,6 +389,7 @@ fn golden_raw_upgrade_start_carries_method_token_and_protocols() {
         protocols: "v4.channel.k8s.io, v3.channel.k8s.io",
         upgrade: Some(("POST", "SPDY/3.1")),
         user: Some("alice"),
+        groups: &[],
     };
     h.gw.open_stream(h.now, EPOCH, &spdy, &mut h.scratch)
         .unwrap();
@@ -438,6 +441,7 @@ fn raw_upgrade_is_refused_on_a_pipeops_tunnel() {
         protocols: "v4.channel.k8s.io",
         upgrade: Some(("POST", "SPDY/3.1")),
         user: Some("alice"),
+        groups: &[],
     };
     assert_eq!(
         h.gw.open_stream(h.now, EPOCH, &spdy, &mut h.scratch),
@@ -482,6 +486,7 @@ fn pipeops_agent_gets_its_service_token_as_bearer() {
     let headers = Forwarded {
         inner: &KUBECTL_HEADERS,
         user: None,
+        groups: &[],
         bearer: Some("Bearer sa.jwt-TOKEN"),
     };
     assert!(!format!("{headers:?}").contains("TOKEN"));
@@ -664,6 +669,7 @@ fn pipeops_agent_starts_optimistically_and_never_reports_false_success() {
         protocols: "v5.channel.k8s.io, v4.channel.k8s.io",
         upgrade: None,
         user: None,
+        groups: &[],
     };
     h.gw.open_stream(h.now, EPOCH, &req, &mut h.scratch)
         .unwrap();
@@ -737,6 +743,7 @@ fn client_gone_before_start_sent_tells_the_agent_nothing() {
         protocols: "",
         upgrade: None,
         user: Some("alice"),
+        groups: &[],
     };
     h.gw.open_stream(h.now, EPOCH, &req, &mut h.scratch)
         .unwrap();
@@ -1149,6 +1156,7 @@ fn open_errors() {
         protocols: "",
         upgrade: None,
         user: None,
+        groups: &[],
     };
     assert_eq!(
         h.gw.open_stream(h.now, EPOCH, &bad_path, &mut h.scratch),
@@ -1162,6 +1170,7 @@ fn open_errors() {
         protocols: "",
         upgrade: None,
         user: None,
+        groups: &[],
     };
     assert_eq!(
         h.gw.open_stream(h.now, EPOCH, &injected, &mut h.scratch),
@@ -1169,6 +1178,7 @@ fn open_errors() {
     );
     let bad_user = StreamRequest {
         user: Some("eve\nImpersonate-Group: x"),
+        groups: &[],
         headers: &(),
         ..injected
     };
@@ -1417,6 +1427,7 @@ mod pair {
             protocols: "v5.channel.k8s.io",
             upgrade: None,
             user: Some("alice"),
+            groups: &[],
         };
         p.gw.open_stream(p.now, EPOCH, &req, &mut p.scratch)
             .unwrap();
@@ -1503,6 +1514,7 @@ mod pair {
             protocols: "v5.channel.k8s.io",
             upgrade: None,
             user: Some("alice"),
+            groups: &[],
         };
         p.gw.open_stream(p.now, EPOCH, &req("s1"), &mut p.scratch)
             .unwrap();
@@ -1895,5 +1907,54 @@ mod tcp {
             }]
         );
         assert_eq!(h.gw.stream_count(), 0);
+    }
+}
+
+#[test]
+fn groups_follow_the_user_and_are_checked() {
+    let mut h = Harness::registered(true);
+    let req = StreamRequest {
+        id: "s1",
+        path: EXEC,
+        query: "command=sh",
+        headers: &[("Impersonate-Group", "system:masters")],
+        protocols: "v5.channel.k8s.io",
+        upgrade: None,
+        user: Some("alice"),
+        groups: &["dev", "system:authenticated"],
+    };
+    h.gw.open_stream(h.now, EPOCH, &req, &mut h.scratch)
+        .unwrap();
+    h.drive();
+    let sent = h.take_sent();
+    assert!(
+        sent[0].raw.contains(
+            r#""headers":{"Impersonate-User":["alice"],"Impersonate-Group":["dev","system:authenticated"]}"#
+        ),
+        "{}",
+        sent[0].raw
+    );
+    // Groups go only with a user: Kubernetes refuses them alone, and no user means no
+    // impersonation at all.
+    let anonymous = StreamRequest {
+        id: "s2",
+        user: None,
+        ..req
+    };
+    h.gw.open_stream(h.now, EPOCH, &anonymous, &mut h.scratch)
+        .unwrap();
+    h.drive();
+    let sent = h.take_sent();
+    assert!(!sent[0].raw.contains("Impersonate"), "{}", sent[0].raw);
+    for group in ["", "dev\r\nHost: x"] {
+        let bad = StreamRequest {
+            id: "s3",
+            groups: &[group],
+            ..req
+        };
+        assert_eq!(
+            h.gw.open_stream(h.now, EPOCH, &bad, &mut h.scratch),
+            Err(OpenError::Request(RequestError::HeaderValue))
+        );
     }
 }

@@ -8,7 +8,15 @@
 //!                            [--tls-cert F --tls-key F] [--insecure-http] [--shutdown-grace SECONDS]
 //!                            [--forward LISTEN=CLUSTER:HOST:PORT]... [--wire-mode auto|compat]
 //! tether-control-plane kubeconfig --state-dir DIR --cluster CLUSTER --user USER [--server URL]
+//! tether-control-plane cluster add|list|rotate-token|remove [NAME]   (--state-dir DIR | --registry URL)
+//! tether-control-plane user add NAME [--grant CLUSTER [--group G]...] | list | grant USER CLUSTER
+//!                      [--group G]... | revoke USER CLUSTER | rotate-token NAME | remove NAME
 //! ```
+//!
+//! The registry (`--registry URL`, default `sqlite://<state-dir>/registry.db`) holds clusters,
+//! hashed agent and user tokens, and grants; `serve` reads it beside the token flags. A new token
+//! is printed once, alone on stdout (for scripts); what to do with it goes to stderr. `user add
+//! --grant` prints a kubeconfig instead, with the token in it.
 //!
 //! Every flag also reads a `TETHER_*` environment variable (repeatable ones take a comma-separated
 //! list). Bad configuration: one line on stderr, exit status 2.
@@ -25,6 +33,7 @@ use std::process::ExitCode;
 use tether_tokio::wire_mode::WireMode;
 
 use clap::{Args, Parser, Subcommand, ValueEnum};
+use tether_tokio::control_plane::registry::Registry;
 use tether_tokio::control_plane::{ControlPlane, ControlPlaneConfig, Forward, TlsMode, kubeconfig};
 use tether_tokio::token::{TokenTable, Tokens, parse_cluster_table, parse_table};
 
@@ -61,6 +70,124 @@ enum Command {
     Serve(Serve),
     /// Print a kubeconfig for a user and cluster of this control plane.
     Kubeconfig(Kubeconfig),
+    /// Add, list, re-key or remove clusters in the registry.
+    #[command(subcommand)]
+    Cluster(ClusterCommand),
+    /// Add, list, grant, revoke, re-key or remove users in the registry.
+    #[command(subcommand)]
+    User(UserCommand),
+}
+
+/// Where the registry is.
+#[derive(Debug, Clone, Args)]
+struct RegistryArgs {
+    /// The state directory `serve` uses: its registry file, recorded endpoint and certificate.
+    #[arg(
+        long,
+        value_name = "DIR",
+        env = "TETHER_STATE_DIR",
+        required_unless_present = "registry"
+    )]
+    state_dir: Option<PathBuf>,
+    /// Registry database URL: sqlite://FILE?mode=rwc or postgres://USER:PASSWORD@HOST/DB
+    /// (default: sqlite in the state directory).
+    #[arg(
+        long,
+        value_name = "URL",
+        env = "TETHER_REGISTRY",
+        hide_env_values = true
+    )]
+    registry: Option<String>,
+}
+
+#[derive(Debug, Subcommand)]
+enum ClusterCommand {
+    /// Add a cluster; prints its agent token once.
+    Add {
+        /// Cluster name: 1-63 characters of A-Z a-z 0-9 . _ -
+        name: String,
+        #[command(flatten)]
+        at: RegistryArgs,
+    },
+    /// List clusters, their token counts and granted users.
+    List {
+        #[command(flatten)]
+        at: RegistryArgs,
+    },
+    /// Replace a cluster's agent tokens by a new one, printed once; the old ones stop working.
+    RotateToken {
+        /// Cluster name.
+        name: String,
+        #[command(flatten)]
+        at: RegistryArgs,
+    },
+    /// Remove a cluster, its tokens and its grants.
+    Remove {
+        /// Cluster name.
+        name: String,
+        #[command(flatten)]
+        at: RegistryArgs,
+    },
+}
+
+#[derive(Debug, Subcommand)]
+enum UserCommand {
+    /// Add a user; prints its token once (or, with --grant, a kubeconfig holding it).
+    Add {
+        /// User name, sent to the cluster as Impersonate-User.
+        name: String,
+        /// Grant this cluster at once and print a kubeconfig for it.
+        #[arg(long, value_name = "CLUSTER")]
+        grant: Option<String>,
+        /// Kubernetes group for the grant (Impersonate-Group; repeatable).
+        #[arg(long = "group", value_name = "GROUP", requires = "grant")]
+        groups: Vec<String>,
+        /// Control plane URL for the kubeconfig (default: the one `serve` recorded).
+        #[arg(long, value_name = "URL")]
+        server: Option<String>,
+        #[command(flatten)]
+        at: RegistryArgs,
+    },
+    /// List users and their grants.
+    List {
+        #[command(flatten)]
+        at: RegistryArgs,
+    },
+    /// Let a user reach a cluster, as the given groups (replaces an existing grant's groups).
+    Grant {
+        /// User name.
+        user: String,
+        /// Cluster name.
+        cluster: String,
+        /// Kubernetes group (Impersonate-Group; repeatable).
+        #[arg(long = "group", value_name = "GROUP")]
+        groups: Vec<String>,
+        #[command(flatten)]
+        at: RegistryArgs,
+    },
+    /// Take a user's access to a cluster away.
+    Revoke {
+        /// User name.
+        user: String,
+        /// Cluster name.
+        cluster: String,
+        #[command(flatten)]
+        at: RegistryArgs,
+    },
+    /// Replace a user's token by a new one, printed once; the old one stops working.
+    RotateToken {
+        /// User name.
+        name: String,
+        #[command(flatten)]
+        at: RegistryArgs,
+    },
+    /// Remove a user and its grants.
+    Remove {
+        /// User name.
+        name: String,
+        #[command(flatten)]
+        at: RegistryArgs,
+    },
 }
 
 #[derive(Debug, Args)]
@@ -131,6 +258,15 @@ struct Serve {
         value_delimiter = ','
     )]
     forward: Vec<String>,
+    /// Registry database URL: sqlite://FILE?mode=rwc or postgres://USER:PASSWORD@HOST/DB
+    /// (default: sqlite://<state-dir>/registry.db, created on first start).
+    #[arg(
+        long,
+        value_name = "URL",
+        env = "TETHER_REGISTRY",
+        hide_env_values = true
+    )]
+    registry: Option<String>,
     /// Wire modes offered to agents: `auto` offers native (binary frames, per-stream credit) and
     /// falls back to compat for agents that do not take it; `compat` never offers native.
     #[arg(
@@ -191,6 +327,8 @@ fn main() -> ExitCode {
     let result = match cli.command {
         Command::Serve(serve) => run_serve(serve),
         Command::Kubeconfig(k) => run_kubeconfig(&k),
+        Command::Cluster(c) => run_registry(|rt| rt.block_on(cluster_command(c))),
+        Command::User(u) => run_registry(|rt| rt.block_on(user_command(u))),
     };
     match result {
         Ok(()) => ExitCode::SUCCESS,
@@ -314,13 +452,30 @@ fn run_serve(serve: Serve) -> Result<(), Failure> {
         wire_mode: serve.wire_mode,
         shutdown_grace: std::time::Duration::from_secs(serve.shutdown_grace),
         max_streams_per_user: serve.max_streams_per_user,
+        registry: None,
     };
+    let registry_url = serve.registry;
     let runtime = tokio::runtime::Builder::new_multi_thread()
         .enable_all()
         .thread_stack_size(8 << 20)
         .build()
         .map_err(|e| Failure::Runtime(format!("cannot start the runtime: {e}")))?;
     runtime.block_on(async {
+        let mut config = config;
+        std::fs::create_dir_all(&config.state_dir).map_err(|e| {
+            Failure::Config(format!(
+                "cannot create the state directory {}: {e}",
+                config.state_dir.display()
+            ))
+        })?;
+        let url = registry_url
+            .clone()
+            .unwrap_or_else(|| Registry::sqlite_url(&config.state_dir));
+        config.registry = Some(
+            Registry::open(&url)
+                .await
+                .map_err(|e| Failure::Config(e.to_string()))?,
+        );
         let cp = ControlPlane::bind(config)
             .await
             .map_err(|e| Failure::Config(e.to_string()))?;
@@ -360,37 +515,298 @@ fn run_kubeconfig(k: &Kubeconfig) -> Result<(), Failure> {
             k.cluster
         )));
     }
-    let base = match &k.server {
-        Some(url) => url.trim_end_matches('/').to_string(),
-        None => kubeconfig::read_endpoint(&k.state_dir).map_err(|_| {
+    let token = token_for(k, &k.state_dir)?;
+    print!(
+        "{}",
+        render_kubeconfig(
+            Some(&k.state_dir),
+            k.server.as_deref(),
+            &k.cluster,
+            &k.user,
+            &token
+        )?
+    );
+    Ok(())
+}
+
+/// A kubeconfig for `user` on `cluster`: the server is `server` (or the endpoint `serve` recorded
+/// in `state_dir`) plus `/clusters/<cluster>`, trusting the state directory's certificate.
+fn render_kubeconfig(
+    state_dir: Option<&Path>,
+    server: Option<&str>,
+    cluster: &str,
+    user: &str,
+    token: &str,
+) -> Result<String, Failure> {
+    let base = match (server, state_dir) {
+        (Some(url), _) => url.trim_end_matches('/').to_string(),
+        (None, Some(dir)) => kubeconfig::read_endpoint(dir).map_err(|_| {
             Failure::Config(format!(
                 "no endpoint recorded in {}: run `serve` with this --state-dir first, or pass --server",
-                k.state_dir.display()
+                dir.display()
             ))
         })?,
+        (None, None) => {
+            return Err(Failure::Config(
+                "--server URL is needed for the kubeconfig (or --state-dir of `serve`)".into(),
+            ));
+        }
     };
-    let suffix = format!("/clusters/{}", k.cluster);
+    let suffix = format!("/clusters/{cluster}");
     let server = if base.ends_with(&suffix) {
         base
     } else {
         format!("{base}{suffix}")
     };
-    let token = token_for(k, &k.state_dir)?;
-    let ca = if server.starts_with("https://") {
-        kubeconfig::read_ca(&k.state_dir)
-    } else {
-        None
+    let ca = match state_dir {
+        Some(dir) if server.starts_with("https://") => kubeconfig::read_ca(dir),
+        _ => None,
     };
-    print!(
-        "{}",
-        kubeconfig::render(&kubeconfig::KubeconfigSpec {
-            cluster: &k.cluster,
-            user: &k.user,
-            token: &token,
-            server: &server,
-            ca_pem: ca.as_deref(),
-        })
-    );
+    Ok(kubeconfig::render(&kubeconfig::KubeconfigSpec {
+        cluster,
+        user,
+        token,
+        server: &server,
+        ca_pem: ca.as_deref(),
+    }))
+}
+
+/// Runs a registry command on a small runtime of its own.
+fn run_registry(
+    f: impl FnOnce(&tokio::runtime::Runtime) -> Result<(), Failure>,
+) -> Result<(), Failure> {
+    let runtime = tokio::runtime::Builder::new_current_thread()
+        .enable_all()
+        .build()
+        .map_err(|e| Failure::Runtime(format!("cannot start the runtime: {e}")))?;
+    f(&runtime)
+}
+
+async fn open_registry(at: &RegistryArgs) -> Result<Registry, Failure> {
+    let url = match (&at.registry, &at.state_dir) {
+        (Some(url), _) => url.clone(),
+        (None, Some(dir)) => {
+            if !dir.is_dir() {
+                return Err(Failure::Config(format!(
+                    "the state directory {} does not exist: pass the --state-dir `serve` uses",
+                    dir.display()
+                )));
+            }
+            Registry::sqlite_url(dir)
+        }
+        (None, None) => {
+            return Err(Failure::Config(
+                "--state-dir DIR or --registry URL is required".into(),
+            ));
+        }
+    };
+    Registry::open(&url).await.map_err(registry_failure)
+}
+
+fn registry_failure(e: tether_tokio::control_plane::registry::RegistryError) -> Failure {
+    use tether_tokio::control_plane::registry::RegistryError;
+    match e {
+        RegistryError::Database(_) => Failure::Runtime(e.to_string()),
+        _ => Failure::Config(e.to_string()),
+    }
+}
+
+/// `unix` seconds as an RFC 3339 UTC time (days to civil date: Howard Hinnant's algorithm).
+fn when(unix: i64) -> String {
+    let (days, secs) = (unix.div_euclid(86_400), unix.rem_euclid(86_400));
+    let z = days + 719_468;
+    let era = z.div_euclid(146_097);
+    let doe = z.rem_euclid(146_097);
+    let yoe = (doe - doe / 1_460 + doe / 36_524 - doe / 146_096) / 365;
+    let doy = doe - (365 * yoe + yoe / 4 - yoe / 100);
+    let mp = (5 * doy + 2) / 153;
+    let day = doy - (153 * mp + 2) / 5 + 1;
+    let month = if mp < 10 { mp + 3 } else { mp - 9 };
+    let year = yoe + era * 400 + i64::from(month <= 2);
+    format!(
+        "{year:04}-{month:02}-{day:02}T{:02}:{:02}:{:02}Z",
+        secs / 3600,
+        secs % 3600 / 60,
+        secs % 60
+    )
+}
+
+async fn cluster_command(command: ClusterCommand) -> Result<(), Failure> {
+    match command {
+        ClusterCommand::Add { name, at } => {
+            let registry = open_registry(&at).await?;
+            let token = registry
+                .add_cluster(&name)
+                .await
+                .map_err(registry_failure)?;
+            println!("{token}");
+            eprintln!(
+                "cluster {name:?} added. Its agent token is above, shown only now (the registry keeps a hash).\nRun the agent with: tether-agent --control-plane <this control plane's URL> --token <the token>"
+            );
+        }
+        ClusterCommand::List { at } => {
+            let registry = open_registry(&at).await?;
+            let clusters = registry.clusters().await.map_err(registry_failure)?;
+            println!("{:<32} {:>6}  {:<20} USERS", "NAME", "TOKENS", "CREATED");
+            for c in clusters {
+                println!(
+                    "{:<32} {:>6}  {:<20} {}",
+                    c.name,
+                    c.tokens,
+                    when(c.created_at),
+                    c.users.join(",")
+                );
+            }
+        }
+        ClusterCommand::RotateToken { name, at } => {
+            let registry = open_registry(&at).await?;
+            let token = registry
+                .rotate_cluster_token(&name)
+                .await
+                .map_err(registry_failure)?;
+            println!("{token}");
+            eprintln!(
+                "cluster {name:?} has a new agent token (above, shown only now); the old one is refused from the agent's next connection on"
+            );
+        }
+        ClusterCommand::Remove { name, at } => {
+            let registry = open_registry(&at).await?;
+            registry
+                .remove_cluster(&name)
+                .await
+                .map_err(registry_failure)?;
+            eprintln!("cluster {name:?} removed, with its tokens and grants");
+        }
+    }
+    Ok(())
+}
+
+async fn user_command(command: UserCommand) -> Result<(), Failure> {
+    match command {
+        UserCommand::Add {
+            name,
+            grant,
+            groups,
+            server,
+            at,
+        } => {
+            let registry = open_registry(&at).await?;
+            // Check what the kubeconfig needs before creating anything.
+            let kubeconfig_check = match &grant {
+                Some(cluster) => Some(render_kubeconfig(
+                    at.state_dir.as_deref(),
+                    server.as_deref(),
+                    cluster,
+                    &name,
+                    "",
+                )?),
+                None => None,
+            };
+            let token = registry.add_user(&name).await.map_err(registry_failure)?;
+            match grant {
+                Some(cluster) => {
+                    if let Err(e) = registry.grant(&name, &cluster, &groups).await {
+                        // No half-made user: the token was never shown.
+                        let _ = registry.remove_user(&name).await;
+                        return Err(registry_failure(e));
+                    }
+                    drop(kubeconfig_check);
+                    print!(
+                        "{}",
+                        render_kubeconfig(
+                            at.state_dir.as_deref(),
+                            server.as_deref(),
+                            &cluster,
+                            &name,
+                            &token
+                        )?
+                    );
+                    eprintln!(
+                        "user {name:?} added and granted cluster {cluster:?}. The kubeconfig above holds its token, shown only now."
+                    );
+                }
+                None => {
+                    println!("{token}");
+                    eprintln!(
+                        "user {name:?} added. Its token is above, shown only now. Grant it clusters with `user grant {name} CLUSTER`, then `kubeconfig --cluster CLUSTER --user {name} --user-token {name}=<the token>`"
+                    );
+                }
+            }
+        }
+        UserCommand::List { at } => {
+            let registry = open_registry(&at).await?;
+            let users = registry.users().await.map_err(registry_failure)?;
+            println!("{:<32} {:<20} GRANTS", "NAME", "CREATED");
+            for u in users {
+                let grants: Vec<String> = u
+                    .grants
+                    .iter()
+                    .map(|(c, g)| {
+                        if g.is_empty() {
+                            c.clone()
+                        } else {
+                            format!("{c}({})", g.join(" "))
+                        }
+                    })
+                    .collect();
+                println!(
+                    "{:<32} {:<12} {}",
+                    u.name,
+                    when(u.created_at),
+                    grants.join(",")
+                );
+            }
+        }
+        UserCommand::Grant {
+            user,
+            cluster,
+            groups,
+            at,
+        } => {
+            let registry = open_registry(&at).await?;
+            registry
+                .grant(&user, &cluster, &groups)
+                .await
+                .map_err(registry_failure)?;
+            eprintln!(
+                "user {user:?} may reach cluster {cluster:?}{}",
+                if groups.is_empty() {
+                    String::new()
+                } else {
+                    format!(" as groups {}", groups.join(", "))
+                }
+            );
+        }
+        UserCommand::Revoke { user, cluster, at } => {
+            let registry = open_registry(&at).await?;
+            registry
+                .revoke(&user, &cluster)
+                .await
+                .map_err(registry_failure)?;
+            eprintln!(
+                "user {user:?} may no longer reach cluster {cluster:?}: its next request there gets 403"
+            );
+        }
+        UserCommand::RotateToken { name, at } => {
+            let registry = open_registry(&at).await?;
+            let token = registry
+                .rotate_user_token(&name)
+                .await
+                .map_err(registry_failure)?;
+            println!("{token}");
+            eprintln!(
+                "user {name:?} has a new token (above, shown only now); the old one is refused from now on"
+            );
+        }
+        UserCommand::Remove { name, at } => {
+            let registry = open_registry(&at).await?;
+            registry
+                .remove_user(&name)
+                .await
+                .map_err(registry_failure)?;
+            eprintln!("user {name:?} removed, with its grants");
+        }
+    }
     Ok(())
 }
 
@@ -409,5 +825,15 @@ fn token_for(k: &Kubeconfig, state_dir: &Path) -> Result<String, Failure> {
             "cannot read the user tokens in {}: {e}",
             state_dir.display()
         ))),
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    #[test]
+    fn times_print_as_rfc3339_utc() {
+        assert_eq!(super::when(0), "1970-01-01T00:00:00Z");
+        assert_eq!(super::when(951_782_400), "2000-02-29T00:00:00Z");
+        assert_eq!(super::when(1_796_647_096), "2026-12-07T12:38:16Z");
     }
 }

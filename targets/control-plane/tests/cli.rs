@@ -227,3 +227,132 @@ fn bad_configuration_is_one_line_and_non_zero() {
     let version = cli(&["--version"]);
     assert!(version.status.success());
 }
+
+fn stdout(out: &std::process::Output) -> String {
+    assert!(
+        out.status.success(),
+        "exit {:?}: {}",
+        out.status,
+        String::from_utf8_lossy(&out.stderr)
+    );
+    String::from_utf8(out.stdout.clone()).unwrap()
+}
+
+#[test]
+fn registry_commands_add_list_grant_and_remove() {
+    let dir = tempfile::tempdir().unwrap();
+    let d = dir.path().to_str().unwrap();
+    // The token is alone on stdout, for scripts; what to do with it is on stderr.
+    let out = cli(&["cluster", "add", "prod-eu", "--state-dir", d]);
+    let token = stdout(&out);
+    let token = token.trim();
+    assert!(
+        token.starts_with("tta_") && !token.contains(char::is_whitespace),
+        "{token}"
+    );
+    assert!(String::from_utf8_lossy(&out.stderr).contains("shown only now"));
+    one_line_failure(
+        &cli(&["cluster", "add", "prod-eu", "--state-dir", d]),
+        "cluster \"prod-eu\" already exists",
+    );
+    one_line_failure(
+        &cli(&["cluster", "add", "a/b", "--state-dir", d]),
+        "must be 1-63 characters",
+    );
+    let rotated = stdout(&cli(&[
+        "cluster",
+        "rotate-token",
+        "prod-eu",
+        "--state-dir",
+        d,
+    ]));
+    assert_ne!(rotated.trim(), token);
+
+    // A kubeconfig for a user granted at creation; its token is in it, and nowhere on disk.
+    let kubeconfig = stdout(&cli(&[
+        "user",
+        "add",
+        "alice@example.com",
+        "--grant",
+        "prod-eu",
+        "--group",
+        "dev",
+        "--server",
+        "https://cp.example:8443",
+        "--state-dir",
+        d,
+    ]));
+    let config: serde_yaml::Value = serde_yaml::from_str(&kubeconfig).unwrap();
+    assert_eq!(
+        config["clusters"][0]["cluster"]["server"],
+        "https://cp.example:8443/clusters/prod-eu"
+    );
+    let user_token = config["users"][0]["user"]["token"]
+        .as_str()
+        .unwrap()
+        .to_string();
+    assert!(user_token.starts_with("ttu_"), "{user_token}");
+    let db = std::fs::read(dir.path().join("registry.db")).unwrap();
+    assert!(!String::from_utf8_lossy(&db).contains(&user_token));
+
+    // A failed grant leaves no user behind.
+    one_line_failure(
+        &cli(&[
+            "user",
+            "add",
+            "bob",
+            "--grant",
+            "nope",
+            "--server",
+            "https://x",
+            "--state-dir",
+            d,
+        ]),
+        "cluster \"nope\" does not exist",
+    );
+    let bob = stdout(&cli(&["user", "add", "bob", "--state-dir", d]));
+    assert!(bob.trim().starts_with("ttu_"));
+    stdout(&cli(&[
+        "user",
+        "grant",
+        "bob",
+        "prod-eu",
+        "--group",
+        "ops",
+        "--group",
+        "sre",
+        "--state-dir",
+        d,
+    ]));
+
+    let clusters = stdout(&cli(&["cluster", "list", "--state-dir", d]));
+    let row = clusters.lines().find(|l| l.starts_with("prod-eu")).unwrap();
+    assert!(row.contains("alice@example.com,bob"), "{clusters}");
+    let users = stdout(&cli(&["user", "list", "--state-dir", d]));
+    assert!(
+        users.contains("prod-eu(dev)") && users.contains("prod-eu(ops sre)"),
+        "{users}"
+    );
+
+    stdout(&cli(&[
+        "user",
+        "revoke",
+        "bob",
+        "prod-eu",
+        "--state-dir",
+        d,
+    ]));
+    one_line_failure(
+        &cli(&["user", "revoke", "bob", "prod-eu", "--state-dir", d]),
+        "does not exist",
+    );
+    stdout(&cli(&["cluster", "remove", "prod-eu", "--state-dir", d]));
+    let users = stdout(&cli(&["user", "list", "--state-dir", d]));
+    assert!(!users.contains("prod-eu"), "{users}");
+    stdout(&cli(&["user", "remove", "bob", "--state-dir", d]));
+    one_line_failure(
+        &cli(&["user", "remove", "bob", "--state-dir", d]),
+        "user \"bob\" does not exist",
+    );
+    one_line_failure(&cli(&["cluster", "list"]), "--state-dir");
+}

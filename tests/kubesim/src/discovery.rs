@@ -27,9 +27,57 @@ pub fn api(server_address: &str) -> Value {
     })
 }
 
-/// `GET /apis`: no groups.
+/// `GET /apis`: `authentication.k8s.io`, for `kubectl auth whoami`.
 pub fn apis() -> Value {
-    json!({"kind": "APIGroupList", "apiVersion": "v1", "groups": []})
+    let v1 = json!({"groupVersion": "authentication.k8s.io/v1", "version": "v1"});
+    json!({"kind": "APIGroupList", "apiVersion": "v1", "groups": [
+        {"name": "authentication.k8s.io", "versions": [v1], "preferredVersion": v1},
+    ]})
+}
+
+/// `GET /apis/authentication.k8s.io/v1`.
+pub fn authentication_v1() -> Value {
+    json!({
+        "kind": "APIResourceList",
+        "apiVersion": "v1",
+        "groupVersion": "authentication.k8s.io/v1",
+        "resources": [
+            {"name": "selfsubjectreviews", "singularName": "selfsubjectreview", "namespaced": false,
+             "kind": "SelfSubjectReview", "verbs": ["create"]},
+        ],
+    })
+}
+
+/// `POST /apis/authentication.k8s.io/v1/selfsubjectreviews` (`kubectl auth whoami`): who the
+/// request acts as. With `Impersonate-User` that user and its `Impersonate-Group`s (what the API
+/// server reports for an impersonated request its token may impersonate); else kubesim's admin.
+pub fn self_subject_review(headers: &hyper::HeaderMap) -> Value {
+    let user = headers
+        .get("impersonate-user")
+        .and_then(|v| v.to_str().ok())
+        .map(str::to_owned);
+    let groups: Vec<&str> = headers
+        .get_all("impersonate-group")
+        .iter()
+        .filter_map(|v| v.to_str().ok())
+        .collect();
+    let (username, groups) = match user {
+        Some(user) => {
+            let mut groups = groups;
+            groups.push("system:authenticated");
+            (user, groups)
+        }
+        None => (
+            "kubesim-admin".to_string(),
+            vec!["system:masters", "system:authenticated"],
+        ),
+    };
+    json!({
+        "kind": "SelfSubjectReview",
+        "apiVersion": "authentication.k8s.io/v1",
+        "metadata": {"creationTimestamp": null},
+        "status": {"userInfo": {"username": username, "groups": groups}},
+    })
 }
 
 /// `GET /api/v1`: pods (with their streaming subresources), ConfigMaps, namespaces.

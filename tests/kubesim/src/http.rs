@@ -146,6 +146,19 @@ async fn route(state: &Arc<State>, req: Request<Incoming>) -> Result<Response<Bo
         ["openapi", "v3"] => get_only(ok_json(&crate::discovery::openapi_v3_root())),
         ["openapi", "v3", "api", "v1"] => get_only(ok_json(&crate::discovery::openapi_v3_api_v1())),
         ["healthz" | "livez" | "readyz"] => get_only(Response::new(full("ok"))),
+        ["apis", "authentication.k8s.io", "v1"] => {
+            get_only(ok_json(&crate::discovery::authentication_v1()))
+        }
+        ["apis", "authentication.k8s.io", "v1", "selfsubjectreviews"] => {
+            if req.method() != Method::POST {
+                return Err(ApiError::method_not_allowed());
+            }
+            let review = crate::discovery::self_subject_review(req.headers());
+            Ok(json_response(
+                StatusCode::CREATED,
+                serde_json::to_vec(&review).expect("JSON serialises"),
+            ))
+        }
         ["api", "v1", "namespaces"] => get_only(ok_json(&state.pods.namespace_list_json())),
         ["api", "v1", "namespaces", ns] => get_only(ok_json(&state.pods.namespace_json(ns)?)),
         ["api", "v1", plural] if Resource::from_plural(plural).is_some() => {

@@ -23,12 +23,12 @@ use tokio_tungstenite::tungstenite::handshake::derive_accept_key;
 use tokio_tungstenite::tungstenite::protocol::frame::coding::CloseCode;
 use tokio_tungstenite::tungstenite::protocol::{CloseFrame, Role, WebSocketConfig};
 
+use super::access::{self, Identity};
 use super::link::{
     CLIENT_WINDOW, Cmd, Link, OpenRequest, OpenStream, Shared, StreamGuard, ToClient,
 };
 use super::metrics::Metrics;
 use super::status::status_response;
-use super::token_of;
 use super::{Body, State};
 use crate::agent::metrics::{StreamKind, StreamLife};
 use crate::buf::Buf;
@@ -85,11 +85,10 @@ pub(crate) async fn handle(
     cluster: &str,
     kube_path: String,
 ) -> Response<Body> {
-    let Some(user) = token_of(req.headers()).and_then(|t| state.user_tokens.lookup(t)) else {
-        state.metrics.auth_refused();
-        return status_response(401, "Unauthorized: a valid bearer user token is required");
+    let Identity { user, groups } = match access::user(&state, req.headers(), cluster).await {
+        Ok(identity) => identity,
+        Err(refused) => return refused,
     };
-    let user = user.to_string();
     let slot = match state.user_limits.acquire(cluster, &user) {
         Ok(slot) => slot,
         Err(limit) => {
@@ -103,7 +102,7 @@ pub(crate) async fn handle(
             );
         }
     };
-    let Some(cmd) = state.registry.get(cluster) else {
+    let Some(cmd) = state.tunnels.get(cluster) else {
         state.metrics.refused.fetch_add(1, Ordering::Relaxed);
         tracing::info!(cluster, user, "no agent connected");
         return status_response(
@@ -156,6 +155,7 @@ pub(crate) async fn handle(
                 .collect(),
             upgrade: Some((method.as_str().to_string(), token.clone())),
             user,
+            groups,
             link,
         };
         if let Some(refused) = send_open(&cmd, Cmd::OpenStream(open), cluster) {
@@ -189,6 +189,7 @@ pub(crate) async fn handle(
             protocols,
             upgrade: None,
             user,
+            groups,
             link,
         };
         if let Some(refused) = send_open(&cmd, Cmd::OpenStream(open), cluster) {
@@ -216,6 +217,7 @@ pub(crate) async fn handle(
             query,
             headers,
             user,
+            groups,
             body,
             link,
         };

@@ -138,7 +138,7 @@ enum ReadEnd {
 
 /// Carries one accepted connection through the cluster's tunnel.
 async fn carry(tcp: TcpStream, peer: SocketAddr, fwd: Arc<Forward>, state: Arc<State>) {
-    let Some(cmd) = state.registry.get(&fwd.cluster) else {
+    let Some(cmd) = state.tunnels.get(&fwd.cluster) else {
         state.metrics.refused.fetch_add(1, Ordering::Relaxed);
         tracing::warn!(forward = %fwd, %peer, "no tunnel for cluster {}; connection closed", fwd.cluster);
         return;

@@ -80,6 +80,7 @@ pub(crate) struct OpenStream {
     /// ([`ToClient::Head`]).
     pub(crate) upgrade: Option<(String, String)>,
     pub(crate) user: String,
+    pub(crate) groups: Vec<String>,
     pub(crate) link: Link,
 }
 
@@ -92,6 +93,7 @@ pub(crate) struct OpenRequest {
     pub(crate) query: String,
     pub(crate) headers: Vec<(Vec<u8>, Vec<u8>)>,
     pub(crate) user: String,
+    pub(crate) groups: Vec<String>,
     pub(crate) body: Bytes,
     pub(crate) link: Link,
 }

@@ -4,7 +4,7 @@
 //! * `GET /api/v1/clusters/agent/ws` (WebSocket): an agent, authenticated by its bearer token,
 //!   which names its cluster. A cluster may have several agents (replicas, rolling updates): every
 //!   tunnel keeps its own streams, and new streams go to the newest one whose agent is not
-//!   draining (see [`Registry`]).
+//!   draining (see [`Tunnels`]).
 //! * `/clusters/<cluster>/<kube path>`: a kubectl user, authenticated by its bearer token (constant
 //!   time, never logged). The request reaches the cluster's agent with `Impersonate-User: <user>` and
 //!   without any client-sent `Impersonate-*` or `Authorization`. A WebSocket upgrade is answered 101
@@ -25,12 +25,14 @@
 //! Backpressure: each kubectl connection talks to its tunnel task over channels bounded by
 //! per-stream credits, on top of the gateway's rings; nothing is dropped.
 
+mod access;
 mod client;
 mod forward;
 pub mod kubeconfig;
 mod limits;
 mod link;
 mod metrics;
+pub mod registry;
 mod status;
 pub mod tls;
 mod tunnel;
@@ -119,6 +121,8 @@ pub struct ControlPlaneConfig {
     /// Streams and requests one user may have open on one cluster at a time (0: no limit);
     /// beyond it a request is refused with 429 naming the limit.
     pub max_streams_per_user: usize,
+    /// The cluster registry (`None`: flags and token files only).
+    pub registry: Option<registry::Registry>,
 }
 
 /// Default [`ControlPlaneConfig::shutdown_grace`].
@@ -155,7 +159,7 @@ impl std::error::Error for StartError {}
 /// the old one finishes what it carries. Only when every tunnel drains does a new stream go to a
 /// draining one (whose agent answers it with a clear 503).
 #[derive(Debug, Default)]
-pub(crate) struct Registry {
+pub(crate) struct Tunnels {
     tunnels: Mutex<HashMap<String, Vec<Registered>>>,
 }
 
@@ -167,7 +171,7 @@ struct Registered {
     draining: bool,
 }
 
-impl Registry {
+impl Tunnels {
     fn lock(&self) -> std::sync::MutexGuard<'_, HashMap<String, Vec<Registered>>> {
         self.tunnels
             .lock()
@@ -238,7 +242,7 @@ impl Registry {
 pub(crate) struct State {
     pub(crate) agent_tokens: Tokens,
     pub(crate) user_tokens: Tokens,
-    pub(crate) registry: Registry,
+    pub(crate) tunnels: Tunnels,
     pub(crate) metrics: Metrics,
     pub(crate) next_id: AtomicU64,
     next_generation: AtomicU64,
@@ -248,6 +252,8 @@ pub(crate) struct State {
     draining: AtomicBool,
     /// Live streams per (cluster, user).
     pub(crate) user_limits: Arc<limits::UserLimits>,
+    /// Clusters, agent tokens, users and grants beyond the flags'.
+    pub(crate) registry: Option<registry::Registry>,
 }
 
 /// The bearer token of a request, if it has one.
@@ -355,10 +361,10 @@ impl ControlPlane {
             })?;
             forwards.push((l, Arc::new(fwd.clone())));
         }
-        if config.agent_tokens.is_empty() {
+        if config.agent_tokens.is_empty() && config.registry.is_none() {
             tracing::warn!("no agent token configured: no agent can connect");
         }
-        if config.user_tokens.is_empty() {
+        if config.user_tokens.is_empty() && config.registry.is_none() {
             tracing::warn!("no user token configured: every kubectl request gets 401");
         }
         Ok(Self {
@@ -368,13 +374,14 @@ impl ControlPlane {
             state: Arc::new(State {
                 agent_tokens: config.agent_tokens,
                 user_tokens: config.user_tokens,
-                registry: Registry::default(),
+                tunnels: Tunnels::default(),
                 metrics: Metrics::default(),
                 next_id: AtomicU64::new(1),
                 next_generation: AtomicU64::new(1),
                 wire_mode: config.wire_mode,
                 draining: AtomicBool::new(false),
                 user_limits: limits::UserLimits::new(config.max_streams_per_user),
+                registry: config.registry,
             }),
             shutdown_grace: config.shutdown_grace,
             base_url,
@@ -499,7 +506,7 @@ async fn drain(state: &State, grace: Duration) {
             "shutdown grace period over: closing what is still live"
         );
     }
-    let tunnels = state.registry.all();
+    let tunnels = state.tunnels.all();
     for tunnel in &tunnels {
         let _ = tunnel.send(Cmd::End {
             reason: SHUTTING_DOWN,
@@ -553,7 +560,7 @@ async fn route(state: Arc<State>, req: Request<Incoming>) -> Response<Body> {
         return status::text_response(StatusCode::OK, state.metrics.render());
     }
     if path == AGENT_PATH {
-        return agent(state, req);
+        return agent(state, req).await;
     }
     if let Some(rest) = path.strip_prefix(CLUSTERS_PREFIX) {
         let (cluster, kube) = rest.split_once('/').map_or((rest, ""), |(c, k)| (c, k));
@@ -577,8 +584,8 @@ fn valid_cluster_name(name: &str) -> bool {
 }
 
 /// An agent's tunnel upgrade.
-fn agent(state: Arc<State>, mut req: Request<Incoming>) -> Response<Body> {
-    let Some(cluster) = token_of(req.headers()).and_then(|t| state.agent_tokens.lookup(t)) else {
+async fn agent(state: Arc<State>, mut req: Request<Incoming>) -> Response<Body> {
+    let Some(cluster) = access::agent(&state, req.headers()).await else {
         state.metrics.auth_refused();
         tracing::warn!("agent connection refused: missing or unknown agent token");
         return status_response(401, "Unauthorized: a valid bearer agent token is required");

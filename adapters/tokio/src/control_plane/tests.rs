@@ -42,6 +42,7 @@ fn config(dir: &std::path::Path, tls: TlsMode) -> ControlPlaneConfig {
         wire_mode: crate::wire_mode::WireMode::Auto,
         shutdown_grace: SHUTDOWN_GRACE,
         max_streams_per_user: 0,
+        registry: None,
     }
 }
 

@@ -125,7 +125,7 @@ struct Tunnel {
 }
 
 /// Serves one authenticated agent tunnel until it ends. `cmd_tx`/`cmd_rx` is the tunnel's command
-/// channel (the registry gets `cmd_tx` once the agent registers).
+/// channel (the tunnel table gets `cmd_tx` once the agent registers).
 pub(crate) async fn run<S>(
     ws: WebSocketStream<S>,
     cluster: String,
@@ -223,7 +223,7 @@ pub(crate) async fn run<S>(
         .streams_active
         .fetch_sub(t.counted_streams, Ordering::Relaxed);
     if t.registered {
-        t.state.registry.remove(&t.cluster, t.generation);
+        t.state.tunnels.remove(&t.cluster, t.generation);
         t.state
             .metrics
             .agents_connected
@@ -423,7 +423,7 @@ impl Tunnel {
                         .agents_connected
                         .fetch_add(1, Ordering::Relaxed);
                     self.state
-                        .registry
+                        .tunnels
                         .insert(&self.cluster, self.generation, self.cmd_tx.clone());
                 }
             }
@@ -433,7 +433,7 @@ impl Tunnel {
                     "agent draining: new streams go to the cluster's other tunnels"
                 );
                 self.state
-                    .registry
+                    .tunnels
                     .set_draining(&self.cluster, self.generation);
             }
             Event::SendPing => {
@@ -674,6 +674,7 @@ impl Tunnel {
                 query: open.query,
                 headers: open.headers,
                 user: open.user,
+                groups: open.groups,
                 body: bytes::Bytes::new(),
                 link: open.link,
             };
@@ -686,6 +687,7 @@ impl Tunnel {
             .iter()
             .map(|(n, v)| (n.as_slice(), v.as_slice()))
             .collect();
+        let groups: Vec<&str> = open.groups.iter().map(String::as_str).collect();
         let req = StreamRequest {
             id: &open.id,
             path: &open.path,
@@ -694,6 +696,7 @@ impl Tunnel {
             protocols: &open.protocols,
             upgrade: open.upgrade.as_ref().map(|(m, t)| (m.as_str(), t.as_str())),
             user: Some(&open.user),
+            groups: &groups,
         };
         match self
             .gw
@@ -737,6 +740,7 @@ impl Tunnel {
             .iter()
             .map(|(n, v)| (n.as_slice(), v.as_slice()))
             .collect();
+        let groups: Vec<&str> = open.groups.iter().map(String::as_str).collect();
         let req = HttpRequest {
             id: &open.id,
             method: &open.method,
@@ -744,6 +748,7 @@ impl Tunnel {
             query: &open.query,
             headers: &headers.as_slice(),
             user: Some(&open.user),
+            groups: &groups,
             body: &open.body,
         };
         let needed = self
