@@ -41,9 +41,16 @@ enum LogFormat {
 #[command(name = "tether-agent", version, about, long_about = None)]
 struct Cli {
     /// Control plane URL (`https://HOST:PORT`; the agent path /api/v1/clusters/agent/ws is added
-    /// when the URL has none).
-    #[arg(long, env = "TETHER_CONTROL_PLANE", value_name = "URL")]
-    control_plane: String,
+    /// when the URL has none). Repeat it (or list URLs comma-separated) for replicas reached
+    /// without a load balancer: after a failed dial or a lost tunnel the agent tries the next.
+    #[arg(
+        long,
+        env = "TETHER_CONTROL_PLANE",
+        value_name = "URL",
+        value_delimiter = ',',
+        required = true
+    )]
+    control_plane: Vec<String>,
 
     /// Agent token for the control plane (sent as a bearer token, never logged). Prefer
     /// --token-file: a flag is visible to every local user in `ps`.
@@ -195,9 +202,13 @@ fn build(cli: &Cli) -> Result<AgentConfig, String> {
         (Some(t), None) => TunnelToken::from(t.as_str()),
         (None, None) => return Err("one of --token or --token-file is required".into()),
     };
-    let tunnel = TunnelTarget::new(&cli.control_plane, &trust, token)?;
-    let proxy = Proxy::for_target(cli.proxy.as_deref(), !tunnel.is_plaintext(), tunnel.host())?;
-    let tunnel = tunnel.with_proxy(proxy);
+    let mut tunnels = Vec::new();
+    for url in &cli.control_plane {
+        let tunnel = TunnelTarget::new(url, &trust, token.clone())?;
+        let proxy = Proxy::for_target(cli.proxy.as_deref(), !tunnel.is_plaintext(), tunnel.host())?;
+        tunnels.push(tunnel.with_proxy(proxy));
+    }
+    let tunnel = tunnels.remove(0);
     let kube = if let Some(k) = &cli.kubeconfig {
         KubeTarget::from_kubeconfig(k)?
     } else if let Some(url) = &cli.kube_url {
@@ -211,6 +222,7 @@ fn build(cli: &Cli) -> Result<AgentConfig, String> {
         KubeTarget::in_cluster()?
     };
     let mut config = AgentConfig::new(tunnel, kube);
+    config.alternates = tunnels;
     config.metrics_listen = cli.metrics_listen;
     config.shutdown_grace = Duration::from_secs(cli.shutdown_grace);
     config.allow_tcp = cli.allow_tcp.clone();

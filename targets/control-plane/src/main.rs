@@ -33,6 +33,7 @@ use std::process::ExitCode;
 use tether_tokio::wire_mode::WireMode;
 
 use clap::{Args, Parser, Subcommand, ValueEnum};
+use tether_tokio::control_plane::fleet::FleetConfig;
 use tether_tokio::control_plane::registry::Registry;
 use tether_tokio::control_plane::{ControlPlane, ControlPlaneConfig, Forward, TlsMode, kubeconfig};
 use tether_tokio::token::{TokenTable, Tokens, parse_cluster_table, parse_table};
@@ -267,6 +268,35 @@ struct Serve {
         hide_env_values = true
     )]
     registry: Option<String>,
+    /// Redis URL of the fleet registry shared by this control plane's replicas
+    /// (redis://HOST:PORT): which replica holds which cluster's tunnel. Needs a peer token.
+    #[arg(
+        long,
+        value_name = "URL",
+        env = "TETHER_REDIS",
+        hide_env_values = true,
+        requires = "peer_token_file"
+    )]
+    redis: Option<String>,
+    /// This replica's id in the fleet (default: the host name).
+    #[arg(long, value_name = "ID", env = "TETHER_REPLICA_ID")]
+    replica_id: Option<String>,
+    /// URL other replicas reach this one at (default: the URL it records, from --listen).
+    #[arg(long, value_name = "URL", env = "TETHER_ADVERTISE")]
+    advertise: Option<String>,
+    /// File holding the token every replica shares for replica-to-replica requests (at least 16
+    /// characters; a mounted Secret, say).
+    #[arg(long, value_name = "F", env = "TETHER_PEER_TOKEN_FILE")]
+    peer_token_file: Option<PathBuf>,
+    /// CA bundle (PEM) that other replicas' certificates chain to (default: exactly this
+    /// replica's own certificate, for replicas that share one).
+    #[arg(
+        long,
+        value_name = "F",
+        env = "TETHER_PEER_CA_FILE",
+        requires = "redis"
+    )]
+    peer_ca_file: Option<PathBuf>,
     /// Wire modes offered to agents: `auto` offers native (binary frames, per-stream credit) and
     /// falls back to compat for agents that do not take it; `compat` never offers native.
     #[arg(
@@ -352,7 +382,8 @@ enum Failure {
 
 fn init_logging(format: LogFormat) {
     let filter = tracing_subscriber::EnvFilter::try_from_env("TETHER_LOG")
-        .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new("info"));
+        // PostgreSQL's notices ("relation already exists, skipping" at every start) are not news.
+        .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new("info,sqlx::postgres::notice=warn"));
     let builder = tracing_subscriber::fmt()
         .with_env_filter(filter)
         .with_writer(std::io::stderr);
@@ -435,7 +466,11 @@ fn run_serve(serve: Serve) -> Result<(), Failure> {
             .with_file(f, parse_table)
             .map_err(|e| Failure::Config(format!("--user-token-file: {e}")))?;
     }
-    let tls = match (serve.insecure_http, serve.tls_cert, serve.tls_key) {
+    let tls = match (
+        serve.insecure_http,
+        serve.tls_cert.clone(),
+        serve.tls_key.clone(),
+    ) {
         (true, _, _) => TlsMode::InsecureHttp,
         (false, Some(cert), Some(key)) => TlsMode::Files { cert, key },
         _ => TlsMode::SelfSigned,
@@ -443,16 +478,17 @@ fn run_serve(serve: Serve) -> Result<(), Failure> {
     let config = ControlPlaneConfig {
         listen,
         public_host,
-        state_dir: serve.state_dir,
+        state_dir: serve.state_dir.clone(),
         agent_tokens,
         user_tokens,
         user_token_pairs: users,
         tls,
         forwards,
-        wire_mode: serve.wire_mode,
+        wire_mode: serve.wire_mode.clone(),
         shutdown_grace: std::time::Duration::from_secs(serve.shutdown_grace),
         max_streams_per_user: serve.max_streams_per_user,
         registry: None,
+        fleet: fleet_config(&serve)?,
     };
     let registry_url = serve.registry;
     let runtime = tokio::runtime::Builder::new_multi_thread()
@@ -483,6 +519,68 @@ fn run_serve(serve: Serve) -> Result<(), Failure> {
             .await
             .map_err(|e| Failure::Runtime(e.to_string()))
     })
+}
+
+/// The fleet settings of `serve`, checked.
+fn fleet_config(serve: &Serve) -> Result<Option<FleetConfig>, Failure> {
+    let Some(redis_url) = serve.redis.clone() else {
+        if serve.peer_token_file.is_some() || serve.replica_id.is_some() {
+            return Err(Failure::Config(
+                "--peer-token-file and --replica-id need --redis".into(),
+            ));
+        }
+        return Ok(None);
+    };
+    let file = serve
+        .peer_token_file
+        .as_ref()
+        .ok_or_else(|| Failure::Config("--redis needs --peer-token-file".into()))?;
+    let peer_token = std::fs::read_to_string(file)
+        .map_err(|e| Failure::Config(format!("--peer-token-file {}: {e}", file.display())))?
+        .trim()
+        .to_string();
+    if peer_token.len() < 16 || peer_token.chars().any(|c| c.is_control() || c == ' ') {
+        return Err(Failure::Config(
+            "--peer-token-file must hold one token of at least 16 characters, without spaces"
+                .into(),
+        ));
+    }
+    let replica_id = match &serve.replica_id {
+        Some(id) => id.clone(),
+        None => std::fs::read_to_string("/proc/sys/kernel/hostname")
+            .map(|h| h.trim().to_string())
+            .ok()
+            .filter(|h| !h.is_empty())
+            .ok_or_else(|| {
+                Failure::Config("cannot read the host name: pass --replica-id".into())
+            })?,
+    };
+    if !valid_name(&replica_id) {
+        return Err(Failure::Config(format!(
+            "--replica-id {replica_id:?} must be 1-63 characters of A-Z a-z 0-9 . _ -"
+        )));
+    }
+    let peer_tls = match &serve.peer_ca_file {
+        None => None,
+        Some(f) => {
+            let pem = std::fs::read(f)
+                .map_err(|e| Failure::Config(format!("--peer-ca-file {}: {e}", f.display())))?;
+            Some(
+                tether_tokio::kube::tls::client_config(
+                    &tether_tokio::kube::tls::Trust::CaPem(pem),
+                    None,
+                )
+                .map_err(|e| Failure::Config(format!("--peer-ca-file: {e}")))?,
+            )
+        }
+    };
+    Ok(Some(FleetConfig {
+        redis_url,
+        replica_id,
+        advertise: serve.advertise.clone().unwrap_or_default(),
+        peer_token,
+        peer_tls,
+    }))
 }
 
 async fn shutdown_signal() {

@@ -9,6 +9,7 @@
 //! * [`scripted`]: a scripted control plane (WebSocket server, TLS or plain) for driving the
 //!   agent message by message.
 //! * [`pipeops_agent`]: a scripted agent that behaves as the incumbent PipeOps agent.
+//! * [`services`]: real Redis and PostgreSQL servers for the fleet tests.
 //! * [`connect_proxy`]: an HTTP CONNECT proxy for the agent's proxy tests.
 //! * [`data`]: deterministic payloads and checksums; [`https`]: a tiny HTTPS client;
 //!   [`tls`]: throwaway certificates; [`proc`]: child processes with log files.
@@ -24,6 +25,7 @@ pub mod kubectl;
 pub mod pipeops_agent;
 pub mod proc;
 pub mod scripted;
+pub mod services;
 pub mod terminal;
 pub mod tls;
 pub mod transfer;

@@ -68,6 +68,10 @@ pub type AgentRequests = Requests<MAX_REQUESTS>;
 pub struct AgentConfig {
     /// The control plane.
     pub tunnel: TunnelTarget,
+    /// Other replicas of the control plane: after a failed dial or a lost tunnel the agent dials
+    /// the next one (`tunnel`, then these, then `tunnel` again), so a replica that dies costs its
+    /// agents one backoff delay.
+    pub alternates: Vec<TunnelTarget>,
     /// The Kubernetes API.
     pub kube: KubeTarget,
     /// Where to serve `/metrics` and `/healthz`, if anywhere.
@@ -145,6 +149,7 @@ impl AgentConfig {
         let host = hostname();
         Self {
             tunnel,
+            alternates: Vec::new(),
             kube,
             metrics_listen: None,
             relay: RelayConfig::default(),
@@ -327,9 +332,15 @@ impl Agent {
                 info!(url = config.tunnel.url(), kube = %config.kube.base_url(), "tether agent starting")
             }
         }
+        let targets: Vec<&TunnelTarget> = std::iter::once(&config.tunnel)
+            .chain(&config.alternates)
+            .collect();
+        let mut next = 0;
         loop {
+            let target = targets[next % targets.len()];
+            next = (next + 1) % targets.len();
             let dialled = tokio::select! {
-                dialled = config.tunnel.dial(max_inbound) => dialled,
+                dialled = target.dial(max_inbound) => dialled,
                 () = drain.signalled() => {
                     info!("shutting down (no tunnel was up)");
                     return Ok(());
@@ -338,7 +349,7 @@ impl Agent {
             let delay = match dialled {
                 Ok(ws) => {
                     unauthorized_logged = false;
-                    info!(url = config.tunnel.url(), "tunnel connected");
+                    info!(url = target.url(), "tunnel connected");
                     let info =
                         SessionInfo::new(&config.agent_id, &config.name, env!("CARGO_PKG_VERSION"));
                     let end = session::run(
@@ -392,6 +403,7 @@ impl Agent {
                     metrics.tunnel_dial_failed();
                     let delay = backoff.next_delay();
                     warn!(
+                        url = target.url(),
                         "cannot open the tunnel: {e}; retrying in {:.1}s",
                         delay.as_secs_f64()
                     );

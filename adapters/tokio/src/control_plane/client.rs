@@ -84,11 +84,36 @@ pub(crate) async fn handle(
     mut req: Request<Incoming>,
     cluster: &str,
     kube_path: String,
+    from_peer: Option<String>,
 ) -> Response<Body> {
     let Identity { user, groups } = match access::user(&state, req.headers(), cluster).await {
         Ok(identity) => identity,
         Err(refused) => return refused,
     };
+    if let Some(fleet) = state.fleet.clone()
+        && from_peer.is_none()
+        && !state.tunnels.holds(cluster)
+    {
+        // Another replica may hold the tunnel: it applies the limits and answers.
+        match fleet.owner(cluster).await {
+            Ok(Some(owner)) => {
+                return super::peer::forward(state, &fleet, owner, cluster, req).await;
+            }
+            Ok(None) => {}
+            Err(e) => {
+                tracing::warn!(cluster, error = %e, "cannot read the fleet registry");
+                return status_response(
+                    503,
+                    &format!(
+                        "no agent of cluster \"{cluster}\" is connected to this replica, and the fleet registry cannot be read to find another; try again"
+                    ),
+                );
+            }
+        }
+    }
+    if let Some(peer) = &from_peer {
+        tracing::debug!(cluster, user, peer, "request from a peer replica");
+    }
     let slot = match state.user_limits.acquire(cluster, &user) {
         Ok(slot) => slot,
         Err(limit) => {

@@ -64,6 +64,7 @@ pub struct Metrics {
     /// Requests refused before reaching a tunnel (bad token, no agent, bad request).
     pub refused: AtomicU64,
     tunnel_reconnects: AtomicU64,
+    peer_forwarded: AtomicU64,
     streams: Arc<StreamStats>,
     errors: ErrorCounts,
     paused: PauseClock,
@@ -175,6 +176,11 @@ impl Metrics {
     }
 
     /// A bearer token (user or agent) was refused.
+    /// A user's request was carried to the replica holding its cluster's tunnel.
+    pub(crate) fn peer_forwarded(&self) {
+        self.peer_forwarded.fetch_add(1, Ordering::Relaxed);
+    }
+
     pub(crate) fn auth_refused(&self) {
         self.refused.fetch_add(1, Ordering::Relaxed);
         self.errors.add(ErrorClass::Auth, 1);
@@ -215,6 +221,12 @@ impl Metrics {
             "gauge",
             "Stream and request slots in use in all gateways.",
             g(&self.streams_active),
+        );
+        out.single(
+            "tether_peer_forwarded_total",
+            "counter",
+            "User requests carried to the replica holding their cluster's tunnel.",
+            c(&self.peer_forwarded),
         );
         out.single(
             "tether_websocket_streams_total",

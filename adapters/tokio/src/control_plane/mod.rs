@@ -27,11 +27,13 @@
 
 mod access;
 mod client;
+pub mod fleet;
 mod forward;
 pub mod kubeconfig;
 mod limits;
 mod link;
 mod metrics;
+mod peer;
 pub mod registry;
 mod status;
 pub mod tls;
@@ -123,6 +125,9 @@ pub struct ControlPlaneConfig {
     pub max_streams_per_user: usize,
     /// The cluster registry (`None`: flags and token files only).
     pub registry: Option<registry::Registry>,
+    /// Replicas sharing the fleet through Redis (`None`: this replica alone). An empty
+    /// [`fleet::FleetConfig::advertise`] means [`ControlPlane::base_url`].
+    pub fleet: Option<fleet::FleetConfig>,
 }
 
 /// Default [`ControlPlaneConfig::shutdown_grace`].
@@ -138,6 +143,8 @@ pub enum StartError {
     Io(String, io::Error),
     /// The TLS certificate or key is unusable.
     Tls(String),
+    /// The fleet registry (Redis) cannot be joined.
+    Fleet(fleet::FleetError),
 }
 
 impl std::fmt::Display for StartError {
@@ -145,6 +152,7 @@ impl std::fmt::Display for StartError {
         match self {
             Self::Io(what, e) => write!(f, "{what}: {e}"),
             Self::Tls(e) => write!(f, "TLS: {e}"),
+            Self::Fleet(e) => e.fmt(f),
         }
     }
 }
@@ -216,6 +224,13 @@ impl Tunnels {
         }
     }
 
+    /// Whether `cluster` has a live tunnel here.
+    pub(crate) fn holds(&self, cluster: &str) -> bool {
+        self.lock()
+            .get(cluster)
+            .is_some_and(|l| l.iter().any(|t| !t.tx.is_closed()))
+    }
+
     /// Forgets `cluster`'s tunnel `generation`.
     pub(crate) fn remove(&self, cluster: &str, generation: u64) {
         let mut tunnels = self.lock();
@@ -254,6 +269,8 @@ pub(crate) struct State {
     pub(crate) user_limits: Arc<limits::UserLimits>,
     /// Clusters, agent tokens, users and grants beyond the flags'.
     pub(crate) registry: Option<registry::Registry>,
+    /// The other replicas, when there are.
+    pub(crate) fleet: Option<Arc<fleet::Fleet>>,
 }
 
 /// The bearer token of a request, if it has one.
@@ -304,6 +321,7 @@ impl ControlPlane {
                 ip.to_string()
             }
         });
+        let mut own_cert = None;
         let acceptor = match &config.tls {
             TlsMode::InsecureHttp => None,
             TlsMode::SelfSigned => {
@@ -317,9 +335,12 @@ impl ControlPlane {
                             e,
                         )
                     })?;
-                Some(tls::server_config(&cert, &key).map_err(StartError::Tls)?)
+                let config = tls::server_config(&cert, &key).map_err(StartError::Tls)?;
+                own_cert = Some(cert);
+                Some(config)
             }
             TlsMode::Files { cert, key } => {
+                own_cert = std::fs::read(cert).ok();
                 Some(tls::reloading_server_config(cert, key).map_err(StartError::Tls)?)
             }
         }
@@ -350,7 +371,32 @@ impl ControlPlane {
             .map_err(|e| StartError::Io(format!("cannot write to {}", dir.display()), e))?;
         kubeconfig::write_user_tokens(dir, &config.user_token_pairs)
             .map_err(|e| StartError::Io(format!("cannot write to {}", dir.display()), e))?;
-        let listener = socket.listen(1024).map_err(cannot_listen)?;
+        let fleet = match config.fleet {
+            None => None,
+            Some(mut fleet) => {
+                if fleet.advertise.is_empty() {
+                    fleet.advertise.clone_from(&base_url);
+                }
+                let peer_tls = match (fleet.peer_tls.clone(), own_cert) {
+                    (Some(tls), _) => tls,
+                    (None, Some(pem)) => {
+                        crate::kube::tls::client_config(&crate::kube::tls::Trust::CaPem(pem), None)
+                            .map_err(StartError::Tls)?
+                    }
+                    // Plain HTTP between replicas: only where the listener is plain HTTP too.
+                    (None, None) => {
+                        crate::kube::tls::client_config(&crate::kube::tls::Trust::PublicRoots, None)
+                            .map_err(StartError::Tls)?
+                    }
+                };
+                let fleet = fleet::Fleet::join(fleet, peer_tls)
+                    .await
+                    .map_err(StartError::Fleet)?;
+                tracing::info!(replica = fleet.replica_id(), "joined the fleet");
+                Some(fleet)
+            }
+        };
+        let listener = socket.listen(4096).map_err(cannot_listen)?;
         let mut forwards = Vec::new();
         for fwd in &config.forwards {
             let l = TcpListener::bind(fwd.listen).await.map_err(|e| {
@@ -382,6 +428,7 @@ impl ControlPlane {
                 draining: AtomicBool::new(false),
                 user_limits: limits::UserLimits::new(config.max_streams_per_user),
                 registry: config.registry,
+                fleet,
             }),
             shutdown_grace: config.shutdown_grace,
             base_url,
@@ -420,6 +467,9 @@ impl ControlPlane {
     pub async fn run(self, shutdown: impl Future<Output = ()>) -> io::Result<()> {
         tracing::info!(url = %self.base_url, "control plane listening");
         let mut forwards = tokio::task::JoinSet::new();
+        if let Some(fleet) = &self.state.fleet {
+            forwards.spawn(fleet.clone().renew_forever());
+        }
         for (listener, fwd) in self.forwards {
             tracing::info!(forward = %fwd, "forwarding tcp");
             forwards.spawn(forward::serve(listener, fwd, self.state.clone()));
@@ -489,6 +539,10 @@ fn private_dir(dir: &std::path::Path) -> io::Result<()> {
 /// The shutdown after the listener closed: see [`ControlPlane::run`].
 async fn drain(state: &State, grace: Duration) {
     state.draining.store(true, Ordering::Relaxed);
+    if let Some(fleet) = &state.fleet {
+        // Peers stop sending this replica requests; its agents redial a live replica below.
+        fleet.leave().await;
+    }
     let live = state.metrics.live_streams();
     tracing::info!(
         live,
@@ -541,7 +595,7 @@ where
     }
 }
 
-async fn route(state: Arc<State>, req: Request<Incoming>) -> Response<Body> {
+async fn route(state: Arc<State>, mut req: Request<Incoming>) -> Response<Body> {
     let path = req.uri().path().to_string();
     if path == "/healthz" {
         return status::text_response(StatusCode::OK, "ok\n");
@@ -562,6 +616,18 @@ async fn route(state: Arc<State>, req: Request<Incoming>) -> Response<Body> {
     if path == AGENT_PATH {
         return agent(state, req).await;
     }
+    let from_peer = match peer::peer_claim(state.fleet.as_deref(), req.headers()) {
+        None => None,
+        Some(Ok(from)) => Some(from),
+        Some(Err(())) => {
+            state.metrics.auth_refused();
+            tracing::warn!(%path, "request refused: bad peer token");
+            return status_response(401, "Unauthorized: bad replica peer token");
+        }
+    };
+    // Never past this point: the agent and the Kubernetes API must not see the fleet's secret.
+    req.headers_mut().remove(fleet::PEER_TOKEN_HEADER);
+    req.headers_mut().remove(fleet::PEER_FROM_HEADER);
     if let Some(rest) = path.strip_prefix(CLUSTERS_PREFIX) {
         let (cluster, kube) = rest.split_once('/').map_or((rest, ""), |(c, k)| (c, k));
         if !valid_cluster_name(cluster) {
@@ -569,7 +635,7 @@ async fn route(state: Arc<State>, req: Request<Incoming>) -> Response<Body> {
         }
         let cluster = cluster.to_string();
         let kube_path = format!("/{kube}");
-        return client::handle(state, req, &cluster, kube_path).await;
+        return client::handle(state, req, &cluster, kube_path, from_peer).await;
     }
     status_response(404, "not found: kubectl paths are /clusters/<cluster>/...")
 }

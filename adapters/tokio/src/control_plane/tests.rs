@@ -43,6 +43,7 @@ fn config(dir: &std::path::Path, tls: TlsMode) -> ControlPlaneConfig {
         shutdown_grace: SHUTDOWN_GRACE,
         max_streams_per_user: 0,
         registry: None,
+        fleet: None,
     }
 }
 

@@ -224,6 +224,13 @@ pub(crate) async fn run<S>(
         .fetch_sub(t.counted_streams, Ordering::Relaxed);
     if t.registered {
         t.state.tunnels.remove(&t.cluster, t.generation);
+        if let Some(fleet) = t.state.fleet.clone()
+            && !t.state.tunnels.holds(&t.cluster)
+        {
+            let cluster = t.cluster.clone();
+            fleet.release(&cluster);
+            tokio::spawn(async move { fleet.tunnel_down(&cluster).await });
+        }
         t.state
             .metrics
             .agents_connected
@@ -425,6 +432,11 @@ impl Tunnel {
                     self.state
                         .tunnels
                         .insert(&self.cluster, self.generation, self.cmd_tx.clone());
+                    if let Some(fleet) = self.state.fleet.clone() {
+                        let cluster = self.cluster.clone();
+                        fleet.hold(&cluster);
+                        tokio::spawn(async move { fleet.tunnel_up(&cluster).await });
+                    }
                 }
             }
             Event::AgentDraining => {
