@@ -32,10 +32,21 @@ impl Keepalive {
         }
     }
 
-    /// The tunnel showed signs of life at `now`: pushes a running read deadline back.
+    /// The tunnel showed signs of life at `now` without a message from the peer (its reader is
+    /// paused on purpose): pushes a running read deadline back; pings go on.
     pub(crate) fn activity(&mut self, now: Instant, read_deadline: Duration) {
         if self.read_deadline.is_some() {
             self.read_deadline = Some(now + read_deadline);
+        }
+    }
+
+    /// Something arrived from the peer at `now`: pushes a running read deadline back and the next
+    /// ping to `ping_interval` from now. Only a quiet peer is pinged, so a tunnel whose other end
+    /// pings (or talks) more often carries no pings of this end's at all.
+    pub(crate) fn heard(&mut self, now: Instant, read_deadline: Duration, ping_interval: Duration) {
+        self.activity(now, read_deadline);
+        if self.next_ping.is_some() {
+            self.next_ping = Some(now + ping_interval);
         }
     }
 

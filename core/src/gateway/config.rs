@@ -20,7 +20,9 @@ pub struct Config {
     /// refusal or response header) before it fails with status 504 (default 45 s: longer than the
     /// agent's own 30 s dial timeout, so the agent's answer normally wins).
     pub start_timeout: Duration,
-    /// Interval between [`Event::SendPing`](super::Event::SendPing) (default 10 s).
+    /// How long the agent may be quiet before [`Event::SendPing`](super::Event::SendPing)
+    /// (default 25 s: longer than a Tether agent's own 20 s, so a Tether tunnel at rest carries
+    /// only the agent's pings; a PipeOps agent, which may not ping, is pinged).
     pub ping_interval: Duration,
     /// Tunnel silence after which [`Event::TunnelDead`](super::Event::TunnelDead) fires (default
     /// 60 s).
@@ -43,7 +45,7 @@ impl Default for Config {
             ring_bytes: DEFAULT_RING_BYTES,
             max_message: DEFAULT_MAX_MESSAGE,
             start_timeout: Duration::from_secs(45),
-            ping_interval: Duration::from_secs(10),
+            ping_interval: Duration::from_secs(25),
             read_deadline: Duration::from_secs(60),
             pause_limit: Duration::from_secs(30),
             extensions: Extensions::ALL,

@@ -334,13 +334,14 @@ impl<M: PayloadBuf, const STREAMS: usize, const RING: usize> Gateway<M, STREAMS,
             .saturating_add(2048)
     }
 
-    /// Records that the tunnel showed signs of life (a WebSocket pong, or any frame not handed to
-    /// [`handle_tunnel_message`](Self::handle_tunnel_message)): pushes the read deadline back.
+    /// Records that the tunnel showed signs of life (a WebSocket ping or pong, or any frame not
+    /// handed to [`handle_tunnel_message`](Self::handle_tunnel_message)): pushes the read deadline
+    /// and the next ping back (only a quiet agent is pinged).
     pub fn handle_tunnel_activity(&mut self, now: Instant) {
         self.clock = now;
         self.session
             .keepalive
-            .activity(now, self.config.read_deadline);
+            .heard(now, self.config.read_deadline, self.config.ping_interval);
     }
 
     // ---------------------------------------------------------------------------------------------

@@ -1238,11 +1238,13 @@ fn timers_ping_read_deadline_start_timeout() {
     let mut h = Harness::registered(true);
     h.open("s1").unwrap();
     h.take_sent();
-    h.now += Duration::from_secs(10);
+    // A quiet agent is pinged after 25 s.
+    h.now += Duration::from_secs(25);
     h.gw.handle_timeout(h.now);
     h.drive();
     assert_eq!(h.take_events(), [Event::SendPing]);
-    h.now += Duration::from_secs(35);
+    // The start unanswered for 45 s fails; the agent heard from at 45 s is not pinged at 69 s.
+    h.now += Duration::from_secs(20);
     h.gw.handle_tunnel_activity(h.now);
     h.gw.handle_timeout(h.now);
     h.drive();
@@ -1255,7 +1257,15 @@ fn timers_ping_read_deadline_start_timeout() {
     let sent = h.take_sent();
     assert_eq!(sent[0].kind, "proxy_websocket_close");
     assert_eq!(h.gw.stream_count(), 0);
-    h.now += Duration::from_secs(61);
+    h.now += Duration::from_secs(24);
+    h.gw.handle_timeout(h.now);
+    h.drive();
+    assert!(!h.take_events().contains(&Event::SendPing));
+    h.now += Duration::from_secs(1);
+    h.gw.handle_timeout(h.now);
+    h.drive();
+    assert!(h.take_events().contains(&Event::SendPing));
+    h.now += Duration::from_secs(36);
     h.gw.handle_timeout(h.now);
     h.drive();
     assert!(h.take_events().contains(&Event::TunnelDead));

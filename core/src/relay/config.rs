@@ -25,7 +25,8 @@ pub struct Config {
     pub close_timeout: Duration,
     /// Interval between `heartbeat` envelopes once registered (default 30 s).
     pub heartbeat_interval: Duration,
-    /// Interval between [`Event::SendPing`](super::Event::SendPing) (default 10 s).
+    /// How long the control plane may be quiet before [`Event::SendPing`](super::Event::SendPing)
+    /// (default 20 s; with the 60 s read deadline a dead peer is still noticed within a minute).
     pub ping_interval: Duration,
     /// Tunnel silence after which [`Event::TunnelDead`](super::Event::TunnelDead) fires (default 60
     /// s).
@@ -51,7 +52,7 @@ impl Default for Config {
             dial_timeout: Duration::from_secs(30),
             close_timeout: Duration::from_secs(10),
             heartbeat_interval: Duration::from_secs(30),
-            ping_interval: Duration::from_secs(10),
+            ping_interval: Duration::from_secs(20),
             read_deadline: Duration::from_secs(60),
             pause_limit: Duration::from_secs(30),
             extensions: Extensions::ALL,

@@ -408,14 +408,15 @@ impl<M: PayloadBuf, const STREAMS: usize, const RING: usize> Relay<M, STREAMS, R
         self.draining
     }
 
-    /// Records that the tunnel showed signs of life (a WebSocket pong, or any frame the adapter
-    /// does not hand to [`handle_tunnel_message`](Self::handle_tunnel_message)): pushes the read
-    /// deadline back. Every handled tunnel message does this too.
+    /// Records that the tunnel showed signs of life (a WebSocket ping or pong, or any frame the
+    /// adapter does not hand to [`handle_tunnel_message`](Self::handle_tunnel_message)): pushes
+    /// the read deadline and the next ping back (only a quiet control plane is pinged). Every
+    /// handled tunnel message does this too.
     pub fn handle_tunnel_activity(&mut self, now: Instant) {
         self.clock = now;
         self.session
             .keepalive
-            .activity(now, self.config.read_deadline);
+            .heard(now, self.config.read_deadline, self.config.ping_interval);
     }
 
     /// The tunnel connection is gone. Every stream is closed: its upstream gets

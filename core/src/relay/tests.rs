@@ -856,7 +856,7 @@ fn timers_ping_heartbeat_read_deadline() {
     assert_eq!(h.relay.poll_timeout(), None);
     h.relay
         .start_session(t0, SessionInfo::new("agent-1", "edge", "0.1.0"));
-    assert_eq!(h.relay.poll_timeout(), Some(t0 + Duration::from_secs(10)));
+    assert_eq!(h.relay.poll_timeout(), Some(t0 + Duration::from_secs(20)));
     h.drive();
     let register = h.take_sent();
     assert_eq!(register[0].kind, "register");
@@ -880,19 +880,26 @@ fn timers_ping_heartbeat_read_deadline() {
         }]
     );
 
-    h.advance(Duration::from_secs(10));
-    assert_eq!(h.take_events(), [Event::SendPing]);
+    // A quiet control plane is pinged 20 s after it was last heard from (register_success).
     h.advance(Duration::from_secs(20));
+    assert_eq!(h.take_events(), [Event::SendPing]);
+    h.advance(Duration::from_secs(10));
     let sent = h.take_sent();
     assert_eq!(sent.len(), 1);
     assert_eq!(
         (sent[0].kind.as_str(), sent[0].cluster_id.as_deref()),
         ("heartbeat", Some("c-42"))
     );
+    assert!(!h.take_events().contains(&Event::SendPing));
+    // Its answer (a pong, a heartbeat_ack) defers the next ping.
+    h.relay.handle_tunnel_activity(h.now);
+    h.advance(Duration::from_secs(19));
+    assert!(!h.take_events().contains(&Event::SendPing));
+    h.advance(Duration::from_secs(1));
     assert!(h.take_events().contains(&Event::SendPing));
 
-    // Activity at t0+50 pushes the deadline to t0+110.
-    h.advance(Duration::from_secs(20));
+    // Activity at t0+60 pushes the deadline to t0+120.
+    h.advance(Duration::from_secs(10));
     h.relay.handle_tunnel_activity(h.now);
     h.advance(Duration::from_secs(50));
     assert!(!h.take_events().contains(&Event::TunnelDead));
