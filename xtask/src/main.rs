@@ -21,6 +21,7 @@ mod debian;
 mod demo;
 mod deploy;
 mod nostd;
+mod services;
 mod smoke;
 mod step;
 
@@ -105,6 +106,7 @@ fn ci(options: &[String]) -> Result<(), step::Failure> {
                 "warnings",
             ],
         ),
+        services::step(),
         step::Step::cargo("test", &["test"]),
         // The workspace test above builds tether-core with the std adapters' `alloc` feature
         // (heap rings and tables); embedded builds use inline storage, tested here on its own.

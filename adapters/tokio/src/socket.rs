@@ -16,6 +16,11 @@ pub const TUNNEL_NOTSENT_LOWAT: u32 = 64 * 1024;
 /// read call is bounded.
 pub const STREAM_READ_BUFFER: usize = 4 * 1024;
 
+/// tungstenite's read buffer on a tunnel connection, at the control plane, where thousands of
+/// mostly idle tunnels wait: the 128 KiB default is resident per tunnel (see
+/// [`STREAM_READ_BUFFER`]). One TLS record carries at most 16 KiB, so a read never needed more.
+pub const TUNNEL_READ_BUFFER: usize = 16 * 1024;
+
 /// tungstenite's write buffer on a tunnel connection (its default is 128 KiB): frames are
 /// written to the socket once this much is pending, or at each flush.
 pub const TUNNEL_WRITE_BUFFER: usize = 32 * 1024;

@@ -672,6 +672,7 @@ async fn agent(state: Arc<State>, mut req: Request<Incoming>) -> Response<Body> 
             Ok(upgraded) => {
                 let config = WebSocketConfig::default()
                     .write_buffer_size(crate::socket::TUNNEL_WRITE_BUFFER)
+                    .read_buffer_size(crate::socket::TUNNEL_READ_BUFFER)
                     .max_message_size(Some(40 << 20))
                     .max_frame_size(Some(40 << 20));
                 let ws = WebSocketStream::from_raw_socket(

@@ -39,6 +39,9 @@ pub(crate) type Gw = Gateway<Buf, MAX_STREAMS>;
 /// Most commands, or tunnel frames, taken in one turn of the tunnel task before it writes again.
 const INPUT_BATCH: usize = 64;
 
+/// Starting size of a tunnel's encode and scratch buffers.
+const IDLE_BUFFER: usize = 4 * 1024;
+
 /// Tunnel messages queued for the writer task. Kept short: a message queued here is past the
 /// gateway's scheduler, so every queued bulk message delays an interactive one behind it.
 const WRITE_QUEUE: usize = 4;
@@ -160,8 +163,10 @@ pub(crate) async fn run<S>(
         base,
         cmd_tx,
         counted_streams: 0,
-        buf: vec![0; 64 * 1024],
-        scratch: vec![0; 64 * 1024],
+        // Both grow to what a message needs (`BufferTooSmall` / `ScratchTooSmall`): an idle
+        // tunnel, the common case in a fleet, keeps them small.
+        buf: vec![0; IDLE_BUFFER],
+        scratch: vec![0; IDLE_BUFFER],
         last_stats: Stats::default(),
         rings: RingSampler::default(),
     };
