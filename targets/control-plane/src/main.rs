@@ -68,7 +68,7 @@ enum LogFormat {
 #[derive(Debug, Subcommand)]
 enum Command {
     /// Serve agents (/api/v1/clusters/agent/ws) and kubectl users (/clusters/<cluster>/...).
-    Serve(Serve),
+    Serve(Box<Serve>),
     /// Print a kubeconfig for a user and cluster of this control plane.
     Kubeconfig(Kubeconfig),
     /// Add, list, re-key or remove clusters in the registry.
@@ -268,6 +268,15 @@ struct Serve {
         hide_env_values = true
     )]
     registry: Option<String>,
+    /// Seconds between rechecks of live agents' registry tokens: an agent whose token was rotated
+    /// away or whose cluster was removed is disconnected within this.
+    #[arg(
+        long,
+        value_name = "SECONDS",
+        env = "TETHER_REGISTRY_RECHECK",
+        default_value_t = 30
+    )]
+    registry_recheck: u64,
     /// Redis URL of the fleet registry shared by this control plane's replicas
     /// (redis://HOST:PORT): which replica holds which cluster's tunnel. Needs a peer token.
     #[arg(
@@ -355,7 +364,7 @@ fn main() -> ExitCode {
     };
     init_logging(cli.log_format);
     let result = match cli.command {
-        Command::Serve(serve) => run_serve(serve),
+        Command::Serve(serve) => run_serve(*serve),
         Command::Kubeconfig(k) => run_kubeconfig(&k),
         Command::Cluster(c) => run_registry(|rt| rt.block_on(cluster_command(c))),
         Command::User(u) => run_registry(|rt| rt.block_on(user_command(u))),
@@ -484,11 +493,12 @@ fn run_serve(serve: Serve) -> Result<(), Failure> {
         user_token_pairs: users,
         tls,
         forwards,
-        wire_mode: serve.wire_mode.clone(),
+        wire_mode: serve.wire_mode,
         shutdown_grace: std::time::Duration::from_secs(serve.shutdown_grace),
         max_streams_per_user: serve.max_streams_per_user,
         registry: None,
         fleet: fleet_config(&serve)?,
+        registry_recheck: std::time::Duration::from_secs(serve.registry_recheck.max(1)),
     };
     let registry_url = serve.registry;
     let runtime = tokio::runtime::Builder::new_multi_thread()

@@ -7,6 +7,8 @@
 //! * A user without a grant on a cluster gets 403, through either replica.
 //! * One replica SIGKILLed: its agent redials the other within its backoff and exec works again;
 //!   a stream that lived on the surviving replica never noticed.
+//! * A cluster's token rotated: its agent is disconnected within the recheck interval and
+//!   refused; the new token brings it back.
 
 use std::net::SocketAddr;
 use std::path::{Path, PathBuf};
@@ -67,6 +69,7 @@ impl Fleet {
                 cmd.arg("--tls-cert").arg(&self.tls.cert_path);
                 cmd.arg("--tls-key").arg(&self.tls.key_path);
                 cmd.arg("--peer-ca-file").arg(&self.tls.ca_path);
+                cmd.args(["--registry-recheck", "1"]);
                 cmd
             },
         );
@@ -278,5 +281,34 @@ fn two_replicas_serve_every_cluster_refuse_the_ungranted_and_survive_one_dying()
     let (code, _) = survivor.wait_exit(TIMEOUT);
     assert_eq!(code, 0, "{}", survivor.stderr());
 
+    // A rotated token: c2's agent is disconnected within the recheck and refused from then on;
+    // with the new token it is back.
+    let rotated = fleet.admin(&["cluster", "rotate-token", "c2"]);
+    let deadline = Instant::now() + Duration::from_secs(20);
+    loop {
+        let out = fleet.run(&alice_b2, &["get", "pod", POD], None);
+        if out.code() != 0 && out.stderr_str().contains("no agent is connected") {
+            break;
+        }
+        assert!(
+            Instant::now() < deadline,
+            "c2's agent still served after its token was rotated: {}",
+            out.stderr_str()
+        );
+        std::thread::sleep(Duration::from_millis(200));
+    }
+    let deadline = Instant::now() + Duration::from_secs(20);
+    loop {
+        let agent_log = k2.agent().map(|p| p.log()).unwrap_or_default();
+        if agent_log.contains("agent token revoked")
+            && agent_log.contains("rejected the agent token")
+        {
+            break;
+        }
+        assert!(Instant::now() < deadline, "{agent_log}");
+        std::thread::sleep(Duration::from_millis(100));
+    }
+    k2.spawn_agent(&url_b, &rotated, Some(&ca), &[]);
+    wait_reachable(&fleet, &alice_b2, "only-in-c2", TIMEOUT);
     drop(b);
 }

@@ -68,14 +68,30 @@ pub(crate) async fn user(
     }
 }
 
-/// The cluster an agent's bearer token names, if any (flags and files first, then the registry).
-pub(crate) async fn agent(state: &State, headers: &HeaderMap) -> Option<String> {
+/// An authenticated agent.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub(crate) struct Agent {
+    /// The cluster its token names.
+    pub(crate) cluster: String,
+    /// The token's registry hash, when the registry (not a flag or file) knew it: the tunnel is
+    /// ended once the token is revoked (see [`super::revocation`]).
+    pub(crate) registry_hash: Option<String>,
+}
+
+/// The agent an agent's bearer token names, if any (flags and files first, then the registry).
+pub(crate) async fn agent(state: &State, headers: &HeaderMap) -> Option<Agent> {
     let token = token_of(headers)?;
     if let Some(cluster) = state.agent_tokens.lookup(token) {
-        return Some(cluster);
+        return Some(Agent {
+            cluster,
+            registry_hash: None,
+        });
     }
     match state.registry.as_ref()?.agent_cluster(token).await {
-        Ok(cluster) => cluster,
+        Ok(cluster) => cluster.map(|cluster| Agent {
+            cluster,
+            registry_hash: Some(super::registry::hash_token(token)),
+        }),
         Err(e) => {
             tracing::warn!(error = %e, "cannot read the registry: agent refused");
             None

@@ -35,6 +35,7 @@ mod link;
 mod metrics;
 mod peer;
 pub mod registry;
+pub mod revocation;
 mod status;
 pub mod tls;
 mod tunnel;
@@ -128,6 +129,9 @@ pub struct ControlPlaneConfig {
     /// Replicas sharing the fleet through Redis (`None`: this replica alone). An empty
     /// [`fleet::FleetConfig::advertise`] means [`ControlPlane::base_url`].
     pub fleet: Option<fleet::FleetConfig>,
+    /// How often live tunnels' registry tokens are checked again: a revoked one's tunnel ends
+    /// (default [`revocation::DEFAULT_RECHECK`]).
+    pub registry_recheck: Duration,
 }
 
 /// Default [`ControlPlaneConfig::shutdown_grace`].
@@ -271,6 +275,8 @@ pub(crate) struct State {
     pub(crate) registry: Option<registry::Registry>,
     /// The other replicas, when there are.
     pub(crate) fleet: Option<Arc<fleet::Fleet>>,
+    /// Live tunnels opened with a registry token.
+    pub(crate) registry_tunnels: revocation::RegistryTunnels,
 }
 
 /// The bearer token of a request, if it has one.
@@ -289,6 +295,7 @@ pub struct ControlPlane {
     state: Arc<State>,
     shutdown_grace: Duration,
     base_url: String,
+    registry_recheck: Duration,
 }
 
 impl std::fmt::Debug for ControlPlane {
@@ -429,7 +436,9 @@ impl ControlPlane {
                 user_limits: limits::UserLimits::new(config.max_streams_per_user),
                 registry: config.registry,
                 fleet,
+                registry_tunnels: revocation::RegistryTunnels::default(),
             }),
+            registry_recheck: config.registry_recheck,
             shutdown_grace: config.shutdown_grace,
             base_url,
         })
@@ -470,6 +479,10 @@ impl ControlPlane {
         if let Some(fleet) = &self.state.fleet {
             forwards.spawn(fleet.clone().renew_forever());
         }
+        forwards.spawn(revocation::sweep_forever(
+            self.state.clone(),
+            self.registry_recheck,
+        ));
         for (listener, fwd) in self.forwards {
             tracing::info!(forward = %fwd, "forwarding tcp");
             forwards.spawn(forward::serve(listener, fwd, self.state.clone()));
@@ -651,7 +664,11 @@ fn valid_cluster_name(name: &str) -> bool {
 
 /// An agent's tunnel upgrade.
 async fn agent(state: Arc<State>, mut req: Request<Incoming>) -> Response<Body> {
-    let Some(cluster) = access::agent(&state, req.headers()).await else {
+    let Some(access::Agent {
+        cluster,
+        registry_hash,
+    }) = access::agent(&state, req.headers()).await
+    else {
         state.metrics.auth_refused();
         tracing::warn!("agent connection refused: missing or unknown agent token");
         return status_response(401, "Unauthorized: a valid bearer agent token is required");
@@ -682,7 +699,11 @@ async fn agent(state: Arc<State>, mut req: Request<Incoming>) -> Response<Body> 
                 )
                 .await;
                 let (tx, rx) = mpsc::unbounded_channel();
-                tunnel::run(ws, cluster, generation, state, tx, rx).await;
+                if let Some(hash) = registry_hash {
+                    state.registry_tunnels.insert(generation, hash, tx.clone());
+                }
+                tunnel::run(ws, cluster, generation, state.clone(), tx, rx).await;
+                state.registry_tunnels.remove(generation);
             }
             Err(e) => {
                 state.metrics.tunnel_failed();

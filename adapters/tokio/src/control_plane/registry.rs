@@ -294,6 +294,22 @@ impl Registry {
         Ok(row.map(|r| r.try_get(0)).transpose()?)
     }
 
+    /// The hash of every agent token the registry holds now.
+    ///
+    /// # Errors
+    /// [`RegistryError::Database`].
+    pub async fn agent_token_hashes(
+        &self,
+    ) -> Result<std::collections::HashSet<String>, RegistryError> {
+        let rows = sqlx::query("SELECT token_hash FROM agent_tokens")
+            .fetch_all(&self.pool)
+            .await?;
+        rows.iter()
+            .map(|r| r.try_get(0))
+            .collect::<Result<_, sqlx::Error>>()
+            .map_err(Into::into)
+    }
+
     /// Adds user `name` with a new token, returned (shown once; only its hash is kept).
     ///
     /// # Errors

@@ -44,6 +44,7 @@ fn config(dir: &std::path::Path, tls: TlsMode) -> ControlPlaneConfig {
         max_streams_per_user: 0,
         registry: None,
         fleet: None,
+        registry_recheck: super::revocation::DEFAULT_RECHECK,
     }
 }
 

@@ -546,9 +546,23 @@ fn write_report(args: &Args, r: &Report) {
         pop = r.populate_s,
     );
     let md = format!(
-        "Machine: {}. One control-plane replica (release build, TLS, SQLite registry) and one \
-         load-generator process holding every simulated agent, on the same machine.\n\n{md}",
-        r.machine
+        "# Scale: agents on one control-plane replica\n\n\
+         Written by `cargo xtask bench --only agents --publish` \
+         (`tests/e2e/examples/agents/`). Machine: {machine}.\n\n\
+         One `tether-control-plane serve` (release build, TLS with its self-signed certificate, the \
+         default SQLite registry in its state directory holding every cluster, agent token hash \
+         and grant) and one load-generator process holding every simulated agent, both on this \
+         machine. Each simulated agent does what a Tether agent does at rest: TLS, the WebSocket \
+         upgrade with its cluster's token (looked up in the registry), `register` with Tether's \
+         compat extensions, a `heartbeat` every 30 s, a ping after 20 s of hearing nothing. An \
+         exec is a real WebSocket upgrade to `/clusters/<c>/.../exec` as a registry user with a \
+         grant on every cluster; the agent acknowledges the start and writes its cluster's name, \
+         which the client checks. CPU and RSS are the control plane's own, from `/proc`.\n\n\
+         Replicas share the fleet through **Redis** (which replica holds which cluster's tunnel, \
+         under leases); a user's request reaching a replica without the tunnel is carried to the \
+         one with it. Design, failure cases and the profile behind these figures: \
+         [docs/fleet.md](../fleet.md).\n\n{md}",
+        machine = r.machine
     );
     std::fs::write(args.out.join("scale.md"), &md).expect("write scale.md");
     let json = json!({
