@@ -1,4 +1,4 @@
-//! `cargo xtask bench`: the benchmarks of issue 5.
+//! `cargo xtask bench`: the benchmarks of issues 5, 11 and 14.
 //!
 //! 1. Builds the release binaries (control plane, agent, kubesim) and the end-to-end bench
 //!    client (`tests/e2e/examples/bench/`).
@@ -11,43 +11,88 @@
 //!    `<target dir>/bench/results.md`, `results.json` and `results.png`.
 //! 4. With `--publish`, copies those three files into `docs/benchmarks/`.
 //!
-//! `--only agents` (alone or in the list) runs the fleet bench instead of or beside those
-//! (`tests/e2e/examples/agents/`): 10 000 simulated agents against one control plane; it writes
-//! `scale.md` and `scale.json`, published as `docs/benchmarks/scale.md` and `scale.json`.
-//! Passed to it: `--agents N`, `--execs N`, `--idle-secs S`.
-//!
 //! Passed to the client: `--mib N` (bench 1), `--round-trips N` (2), `--streams N` (3),
 //! `--idle N` (4), `--interactive N` (5), `--only LIST` (e.g. `bulk,latency`; names: bulk,
-//! latency, many, idle, interactive, core).
+//! latency, many, idle, interactive, core, and the two below).
+//!
+//! Two benches have an example and outputs of their own, published beside the others:
+//!
+//! * `tcp` (`tests/e2e/examples/tcp/`; in every run unless `--only` leaves it out): raw TCP
+//!   through `--forward` and the cluster agent against direct, with iperf3 and 64-byte round
+//!   trips: `tcp.md`, `tcp.json`. Passed to it: `--secs S`, `--tcp-round-trips N`.
+//! * `agents` (`tests/e2e/examples/agents/`; only with `--only agents`): 10 000 simulated
+//!   agents against one control plane: `scale.md`, `scale.json`. Passed to it: `--agents N`,
+//!   `--execs N`, `--idle-secs S`.
 
 use crate::step::{Step, run_status, target_dir, workspace_root};
+
+/// A bench with its own example: its `--only` name, its flags (as given to xtask, and as the
+/// example takes them), its output files.
+struct Extra {
+    name: &'static str,
+    flags: &'static [(&'static str, &'static str)],
+    outputs: [&'static str; 2],
+    /// Part of a run without `--only`.
+    by_default: bool,
+}
+
+const EXTRAS: [Extra; 2] = [
+    Extra {
+        name: "tcp",
+        flags: &[("--secs", "--secs"), ("--tcp-round-trips", "--round-trips")],
+        outputs: ["tcp.md", "tcp.json"],
+        by_default: true,
+    },
+    Extra {
+        name: "agents",
+        flags: &[
+            ("--agents", "--agents"),
+            ("--execs", "--execs"),
+            ("--idle-secs", "--idle-secs"),
+        ],
+        outputs: ["scale.md", "scale.json"],
+        by_default: false,
+    },
+];
+
+/// The bench client's own names (and `core`, the criterion benches).
+const CLIENT: [&str; 6] = ["bulk", "latency", "many", "idle", "interactive", "core"];
 
 pub(crate) fn steps(args: &[String]) -> Vec<Step> {
     let mut skip_core = args.iter().any(|a| a == "--skip-core");
     let publish = args.iter().any(|a| a == "--publish");
     let mut client_args: Vec<String> = Vec::new();
-    let mut agents_args: Vec<String> = Vec::new();
-    let mut agents = false;
-    let mut others = true;
+    let mut extra_args: Vec<Vec<String>> = vec![Vec::new(); EXTRAS.len()];
+    let mut only: Option<Vec<String>> = None;
     let mut it = args.iter();
     while let Some(a) = it.next() {
-        if matches!(a.as_str(), "--agents" | "--execs" | "--idle-secs") {
-            agents_args.push(a.clone());
-            agents_args.push(it.next().cloned().unwrap_or_default());
+        let extra_flag = EXTRAS.iter().enumerate().find_map(|(i, e)| {
+            e.flags
+                .iter()
+                .find(|(given, _)| given == a)
+                .map(|(_, taken)| (i, *taken))
+        });
+        if let Some((i, taken)) = extra_flag {
+            extra_args[i].push(taken.to_string());
+            extra_args[i].push(it.next().cloned().unwrap_or_default());
             continue;
         }
         if a == "--only" {
             let value = it.next().cloned().unwrap_or_default();
-            agents = value.split(',').any(|b| b == "agents");
-            let rest: Vec<&str> = value.split(',').filter(|b| *b != "agents").collect();
-            others = !rest.is_empty();
-            if !rest.contains(&"core") {
+            let names: Vec<String> = value.split(',').map(str::to_owned).collect();
+            let client: Vec<&str> = names
+                .iter()
+                .map(String::as_str)
+                .filter(|b| CLIENT.contains(b))
+                .collect();
+            if !client.contains(&"core") {
                 skip_core = true;
             }
-            if others {
+            if !client.is_empty() {
                 client_args.push(a.clone());
-                client_args.push(rest.join(","));
+                client_args.push(client.join(","));
             }
+            only = Some(names);
             continue;
         }
         if matches!(
@@ -59,6 +104,13 @@ pub(crate) fn steps(args: &[String]) -> Vec<Step> {
             client_args.push(value);
         }
     }
+    let wanted = |extra: &Extra| {
+        only.as_ref()
+            .map_or(extra.by_default, |o| o.iter().any(|b| b == extra.name))
+    };
+    let client = only
+        .as_ref()
+        .is_none_or(|o| o.iter().any(|b| CLIENT.contains(&b.as_str())));
     let mut steps = vec![Step::cargo(
         "build release binaries",
         &[
@@ -73,34 +125,29 @@ pub(crate) fn steps(args: &[String]) -> Vec<Step> {
             "--bins",
         ],
     )];
-    if others {
+    let mut examples: Vec<&str> = EXTRAS
+        .iter()
+        .filter(|e| wanted(e))
+        .map(|e| e.name)
+        .collect();
+    if client {
+        examples.insert(0, "bench");
+    }
+    for example in examples {
         steps.push(Step::cargo(
-            "build bench client",
+            &format!("build the {example} bench"),
             &[
                 "build",
                 "--release",
                 "-p",
                 "tether-e2e",
                 "--example",
-                "bench",
+                example,
             ],
         ));
     }
-    if agents {
-        steps.push(Step::cargo(
-            "build agents bench",
-            &[
-                "build",
-                "--release",
-                "-p",
-                "tether-e2e",
-                "--example",
-                "agents",
-            ],
-        ));
-    }
-    if skip_core {
-        println!("==> core criterion benches SKIPPED (--skip-core)");
+    if skip_core || !client {
+        println!("==> core criterion benches SKIPPED");
     } else {
         steps.push(Step::cargo(
             "core criterion benches",
@@ -118,67 +165,66 @@ pub(crate) fn steps(args: &[String]) -> Vec<Step> {
             ],
         ));
     }
-    if agents {
-        steps.push(Step::new(
-            "agents bench (one control plane, many agents)",
-            move || {
-                let target = target_dir();
-                let release = target.join("release");
-                let mut cmd = std::process::Command::new(release.join("examples/agents"));
-                cmd.current_dir(workspace_root())
-                    .env("TETHER_E2E_BIN_DIR", &release)
-                    .arg("--out")
-                    .arg(target.join("bench"))
-                    .args(&agents_args);
-                run_status(&mut cmd)
-            },
-        ));
+    if client {
+        steps.push(Step::new("end-to-end benches", move || {
+            let target = target_dir();
+            let release = target.join("release");
+            let out = target.join("bench");
+            let mut cmd = std::process::Command::new(release.join("examples/bench"));
+            cmd.current_dir(workspace_root())
+                .env("TETHER_E2E_BIN_DIR", &release)
+                .arg("--out")
+                .arg(&out)
+                .args(&client_args);
+            // Without this run's criterion figures, none (not stale ones from an earlier run).
+            if !skip_core {
+                cmd.arg("--criterion").arg(target.join("criterion"));
+            }
+            run_status(&mut cmd)
+        }));
         if publish {
-            steps.push(Step::new(
-                "publish the agents bench to docs/benchmarks",
-                || {
-                    let from = target_dir().join("bench");
-                    let to = workspace_root().join("docs/benchmarks");
-                    for file in ["scale.md", "scale.json"] {
-                        std::fs::copy(from.join(file), to.join(file))
-                            .map_err(|e| format!("copy {file} to {}: {e}", to.display()))?;
-                        println!("    {}", to.join(file).display());
-                    }
-                    Ok(())
-                },
+            steps.push(publish_step(
+                "publish to docs/benchmarks",
+                &["results.md", "results.json", "results.png"],
             ));
         }
     }
-    if !others {
-        return steps;
-    }
-    steps.push(Step::new("end-to-end benches", move || {
-        let target = target_dir();
-        let release = target.join("release");
-        let out = target.join("bench");
-        let mut cmd = std::process::Command::new(release.join("examples/bench"));
-        cmd.current_dir(workspace_root())
-            .env("TETHER_E2E_BIN_DIR", &release)
-            .arg("--out")
-            .arg(&out)
-            .args(&client_args);
-        // Without this run's criterion figures, none (not stale ones from an earlier run).
-        if !skip_core {
-            cmd.arg("--criterion").arg(target.join("criterion"));
+    for (extra, args) in EXTRAS.iter().zip(extra_args) {
+        if !wanted(extra) {
+            continue;
         }
-        run_status(&mut cmd)
-    }));
-    if publish {
-        steps.push(Step::new("publish to docs/benchmarks", || {
-            let from = target_dir().join("bench");
-            let to = workspace_root().join("docs/benchmarks");
-            for file in ["results.md", "results.json", "results.png"] {
-                std::fs::copy(from.join(file), to.join(file))
-                    .map_err(|e| format!("copy {file} to {}: {e}", to.display()))?;
-                println!("    {}", to.join(file).display());
-            }
-            Ok(())
+        let name = extra.name;
+        steps.push(Step::new(&format!("{name} bench"), move || {
+            let target = target_dir();
+            let release = target.join("release");
+            let mut cmd = std::process::Command::new(release.join("examples").join(name));
+            cmd.current_dir(workspace_root())
+                .env("TETHER_E2E_BIN_DIR", &release)
+                .arg("--out")
+                .arg(target.join("bench"))
+                .args(&args);
+            run_status(&mut cmd)
         }));
+        if publish {
+            steps.push(publish_step(
+                &format!("publish the {name} bench to docs/benchmarks"),
+                &extra.outputs,
+            ));
+        }
     }
     steps
+}
+
+/// Copies `files` from `<target dir>/bench/` into `docs/benchmarks/`.
+fn publish_step(name: &str, files: &'static [&'static str]) -> Step {
+    Step::new(name, move || {
+        let from = target_dir().join("bench");
+        let to = workspace_root().join("docs/benchmarks");
+        for file in files {
+            std::fs::copy(from.join(file), to.join(file))
+                .map_err(|e| format!("copy {file} to {}: {e}", to.display()))?;
+            println!("    {}", to.join(file).display());
+        }
+        Ok(())
+    })
 }
