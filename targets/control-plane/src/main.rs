@@ -33,6 +33,7 @@ use std::process::ExitCode;
 use tether_tokio::wire_mode::WireMode;
 
 use clap::{Args, Parser, Subcommand, ValueEnum};
+use tether_core::wire::timestamp::UnixTime;
 use tether_tokio::control_plane::fleet::FleetConfig;
 use tether_tokio::control_plane::registry::Registry;
 use tether_tokio::control_plane::{ControlPlane, ControlPlaneConfig, Forward, TlsMode, kubeconfig};
@@ -623,60 +624,61 @@ fn run_kubeconfig(k: &Kubeconfig) -> Result<(), Failure> {
             k.cluster
         )));
     }
+    let target = KubeconfigTarget::resolve(Some(&k.state_dir), k.server.as_deref(), &k.cluster)?;
     let token = token_for(k, &k.state_dir)?;
-    print!(
-        "{}",
-        render_kubeconfig(
-            Some(&k.state_dir),
-            k.server.as_deref(),
-            &k.cluster,
-            &k.user,
-            &token
-        )?
-    );
+    print!("{}", target.render(&k.cluster, &k.user, &token));
     Ok(())
 }
 
-/// A kubeconfig for `user` on `cluster`: the server is `server` (or the endpoint `serve` recorded
-/// in `state_dir`) plus `/clusters/<cluster>`, trusting the state directory's certificate.
-fn render_kubeconfig(
-    state_dir: Option<&Path>,
-    server: Option<&str>,
-    cluster: &str,
-    user: &str,
-    token: &str,
-) -> Result<String, Failure> {
-    let base = match (server, state_dir) {
-        (Some(url), _) => url.trim_end_matches('/').to_string(),
-        (None, Some(dir)) => kubeconfig::read_endpoint(dir).map_err(|_| {
-            Failure::Config(format!(
-                "no endpoint recorded in {}: run `serve` with this --state-dir first, or pass --server",
-                dir.display()
-            ))
-        })?,
-        (None, None) => {
-            return Err(Failure::Config(
-                "--server URL is needed for the kubeconfig (or --state-dir of `serve`)".into(),
-            ));
-        }
-    };
-    let suffix = format!("/clusters/{cluster}");
-    let server = if base.ends_with(&suffix) {
-        base
-    } else {
-        format!("{base}{suffix}")
-    };
-    let ca = match state_dir {
-        Some(dir) if server.starts_with("https://") => kubeconfig::read_ca(dir),
-        _ => None,
-    };
-    Ok(kubeconfig::render(&kubeconfig::KubeconfigSpec {
-        cluster,
-        user,
-        token,
-        server: &server,
-        ca_pem: ca.as_deref(),
-    }))
+/// Where a kubeconfig for `cluster` points: `server` (or the endpoint `serve` recorded in
+/// `state_dir`) plus `/clusters/<cluster>`, and the state directory's certificate to trust.
+struct KubeconfigTarget {
+    server: String,
+    ca: Option<Vec<u8>>,
+}
+
+impl KubeconfigTarget {
+    fn resolve(
+        state_dir: Option<&Path>,
+        server: Option<&str>,
+        cluster: &str,
+    ) -> Result<Self, Failure> {
+        let base = match (server, state_dir) {
+            (Some(url), _) => url.trim_end_matches('/').to_string(),
+            (None, Some(dir)) => kubeconfig::read_endpoint(dir).map_err(|_| {
+                Failure::Config(format!(
+                    "no endpoint recorded in {}: run `serve` with this --state-dir first, or pass --server",
+                    dir.display()
+                ))
+            })?,
+            (None, None) => {
+                return Err(Failure::Config(
+                    "--server URL is needed for the kubeconfig (or --state-dir of `serve`)".into(),
+                ));
+            }
+        };
+        let suffix = format!("/clusters/{cluster}");
+        let server = if base.ends_with(&suffix) {
+            base
+        } else {
+            format!("{base}{suffix}")
+        };
+        let ca = match state_dir {
+            Some(dir) if server.starts_with("https://") => kubeconfig::read_ca(dir),
+            _ => None,
+        };
+        Ok(Self { server, ca })
+    }
+
+    fn render(&self, cluster: &str, user: &str, token: &str) -> String {
+        kubeconfig::render(&kubeconfig::KubeconfigSpec {
+            cluster,
+            user,
+            token,
+            server: &self.server,
+            ca_pem: self.ca.as_deref(),
+        })
+    }
 }
 
 /// Runs a registry command on a small runtime of its own.
@@ -719,24 +721,16 @@ fn registry_failure(e: tether_tokio::control_plane::registry::RegistryError) -> 
     }
 }
 
-/// `unix` seconds as an RFC 3339 UTC time (days to civil date: Howard Hinnant's algorithm).
+/// `unix` seconds as an RFC 3339 UTC time to the second (the core's timestamp writer).
 fn when(unix: i64) -> String {
-    let (days, secs) = (unix.div_euclid(86_400), unix.rem_euclid(86_400));
-    let z = days + 719_468;
-    let era = z.div_euclid(146_097);
-    let doe = z.rem_euclid(146_097);
-    let yoe = (doe - doe / 1_460 + doe / 36_524 - doe / 146_096) / 365;
-    let doy = doe - (365 * yoe + yoe / 4 - yoe / 100);
-    let mp = (5 * doy + 2) / 153;
-    let day = doy - (153 * mp + 2) / 5 + 1;
-    let month = if mp < 10 { mp + 3 } else { mp - 9 };
-    let year = yoe + era * 400 + i64::from(month <= 2);
-    format!(
-        "{year:04}-{month:02}-{day:02}T{:02}:{:02}:{:02}Z",
-        secs / 3600,
-        secs % 3600 / 60,
-        secs % 60
-    )
+    let stamp = u64::try_from(unix)
+        .ok()
+        .and_then(|secs| UnixTime::new(secs, 0).to_rfc3339().ok());
+    match stamp {
+        // `YYYY-MM-DDTHH:MM:SS` of `YYYY-MM-DDTHH:MM:SS.nnnnnnnnnZ`.
+        Some(stamp) => format!("{}Z", String::from_utf8_lossy(&stamp[..19])),
+        None => format!("@{unix}"),
+    }
 }
 
 async fn cluster_command(command: ClusterCommand) -> Result<(), Failure> {
@@ -799,36 +793,22 @@ async fn user_command(command: UserCommand) -> Result<(), Failure> {
             at,
         } => {
             let registry = open_registry(&at).await?;
-            // Check what the kubeconfig needs before creating anything.
-            let kubeconfig_check = match &grant {
-                Some(cluster) => Some(render_kubeconfig(
-                    at.state_dir.as_deref(),
-                    server.as_deref(),
-                    cluster,
-                    &name,
-                    "",
-                )?),
-                None => None,
-            };
+            // What the kubeconfig needs is checked before anything is created.
+            let target = grant
+                .as_deref()
+                .map(|cluster| {
+                    KubeconfigTarget::resolve(at.state_dir.as_deref(), server.as_deref(), cluster)
+                })
+                .transpose()?;
             let token = registry.add_user(&name).await.map_err(registry_failure)?;
-            match grant {
-                Some(cluster) => {
+            match grant.zip(target) {
+                Some((cluster, target)) => {
                     if let Err(e) = registry.grant(&name, &cluster, &groups).await {
                         // No half-made user: the token was never shown.
                         let _ = registry.remove_user(&name).await;
                         return Err(registry_failure(e));
                     }
-                    drop(kubeconfig_check);
-                    print!(
-                        "{}",
-                        render_kubeconfig(
-                            at.state_dir.as_deref(),
-                            server.as_deref(),
-                            &cluster,
-                            &name,
-                            &token
-                        )?
-                    );
+                    print!("{}", target.render(&cluster, &name, &token));
                     eprintln!(
                         "user {name:?} added and granted cluster {cluster:?}. The kubeconfig above holds its token, shown only now."
                     );

@@ -20,22 +20,13 @@ use super::{Body, State};
 /// Dial and handshake bound for a peer.
 const DIAL_TIMEOUT: Duration = Duration::from_secs(5);
 
-/// Request headers not carried to the peer: hop-by-hop ones (an upgrade's `Connection` and
-/// `Upgrade` are set again below) and a client's own claim to be a peer.
-const HOP_BY_HOP: &[&str] = &[
-    "connection",
-    "keep-alive",
-    "proxy-authenticate",
-    "proxy-authorization",
-    "proxy-connection",
-    "te",
-    "trailer",
-    "transfer-encoding",
-    "upgrade",
-    "host",
-    PEER_TOKEN_HEADER,
-    PEER_FROM_HEADER,
-];
+/// Whether request header `name` (lowercase) is not carried to the peer: hop-by-hop ones (an
+/// upgrade's `Connection` and `Upgrade` are set again below), `Host`, and a client's own claim to
+/// be a peer.
+fn is_dropped(name: &str) -> bool {
+    crate::kube::headers::is_hop_by_hop(name)
+        || matches!(name, "host" | PEER_TOKEN_HEADER | PEER_FROM_HEADER)
+}
 
 /// Carries `req` for `cluster` to `owner` and answers with what the owner answered. A peer that
 /// cannot be reached gets the user a 502 that names it.
@@ -69,7 +60,7 @@ pub(crate) async fn forward(
         .map_or("/", http::uri::PathAndQuery::as_str);
     let mut out = Request::builder().method(parts.method.clone()).uri(path);
     for (name, value) in &parts.headers {
-        if !HOP_BY_HOP.contains(&name.as_str()) {
+        if !is_dropped(name.as_str()) {
             out = out.header(name, value);
         }
     }

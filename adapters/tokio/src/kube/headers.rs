@@ -20,6 +20,12 @@ const HOP_BY_HOP: [&str; 11] = [
     "http2-settings",
 ];
 
+/// Whether lowercase header `name` is hop-by-hop ([`HOP_BY_HOP`]): for other proxies of the
+/// adapter (the control plane's replica-to-replica hop).
+pub(crate) fn is_hop_by_hop(name: &str) -> bool {
+    HOP_BY_HOP.contains(&name)
+}
+
 /// Request headers for the Kubernetes API, from the control plane's `headers`.
 ///
 /// Dropped: hop-by-hop headers and every name listed in `Connection`, `Host`, `Content-Length`

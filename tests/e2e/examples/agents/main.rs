@@ -97,22 +97,6 @@ fn raise_nofile(needed: u64) -> u64 {
     getrlimit(Resource::Nofile).current.unwrap_or(0)
 }
 
-/// CPU seconds (user + system) of `pid` so far.
-fn cpu_seconds(pid: u32) -> f64 {
-    let stat = std::fs::read_to_string(format!("/proc/{pid}/stat")).unwrap_or_default();
-    // Fields after the parenthesised command name; utime and stime are the 14th and 15th.
-    let rest = stat.rsplit_once(')').map_or("", |(_, r)| r);
-    let fields: Vec<&str> = rest.split_whitespace().collect();
-    let ticks = |i: usize| {
-        fields
-            .get(i)
-            .and_then(|v| v.parse::<f64>().ok())
-            .unwrap_or(0.0)
-    };
-    // USER_HZ: 100 on Linux for every architecture this runs on.
-    (ticks(11) + ticks(12)) / 100.0
-}
-
 fn rss_kib(pid: u32) -> u64 {
     tether_e2e::proc::proc_status_kib(pid, "VmRSS:").unwrap_or(0)
 }
@@ -296,26 +280,7 @@ async fn exec(
 }
 
 fn machine() -> String {
-    let cpu = std::fs::read_to_string("/proc/cpuinfo")
-        .ok()
-        .and_then(|c| {
-            c.lines().find_map(|l| {
-                l.strip_prefix("model name")
-                    .map(|v| v.trim_start_matches([' ', '\t', ':']).to_string())
-            })
-        })
-        .unwrap_or_default();
-    let cores = std::thread::available_parallelism().map_or(0, |n| n.get());
-    let mem_gib = std::fs::read_to_string("/proc/meminfo")
-        .ok()
-        .and_then(|m| {
-            m.lines()
-                .find_map(|l| l.strip_prefix("MemTotal:"))
-                .and_then(|v| v.trim().trim_end_matches("kB").trim().parse::<f64>().ok())
-        })
-        .unwrap_or(0.0)
-        / (1024.0 * 1024.0);
-    format!("{cores} cores ({cpu}), {mem_gib:.0} GiB RAM, Linux loopback")
+    format!("{}, Linux loopback", tether_e2e::proc::machine_line())
 }
 
 #[tokio::main(flavor = "multi_thread")]
@@ -412,10 +377,11 @@ async fn main() {
 
     // 4. Idle.
     tokio::time::sleep(Duration::from_secs(5)).await;
-    let cpu0 = cpu_seconds(pid);
+    let cpu0 = tether_e2e::proc::cpu_seconds(pid);
     let idle_started = Instant::now();
     tokio::time::sleep(Duration::from_secs(args.idle_secs)).await;
-    let idle_cpu = (cpu_seconds(pid) - cpu0) / idle_started.elapsed().as_secs_f64();
+    let idle_cpu =
+        (tether_e2e::proc::cpu_seconds(pid) - cpu0) / idle_started.elapsed().as_secs_f64();
     let rss_idle = rss_kib(pid);
     let per_agent_kib = (rss_idle.saturating_sub(rss_before)) as f64 / connected as f64;
     assert_eq!(

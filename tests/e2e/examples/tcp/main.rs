@@ -93,20 +93,6 @@ impl Drop for Iperf {
     }
 }
 
-fn cpu_seconds(pid: u32) -> f64 {
-    let stat = std::fs::read_to_string(format!("/proc/{pid}/stat")).unwrap_or_default();
-    let rest = stat.rsplit_once(')').map_or("", |(_, r)| r);
-    let fields: Vec<&str> = rest.split_whitespace().collect();
-    let ticks = |i: usize| {
-        fields
-            .get(i)
-            .and_then(|v| v.parse::<f64>().ok())
-            .unwrap_or(0.0)
-    };
-    // USER_HZ is 100 on Linux.
-    (ticks(11) + ticks(12)) / 100.0
-}
-
 /// iperf3 -c to `addr` for `secs`: (bits per second received, bytes received).
 fn iperf(addr: SocketAddr, secs: u64) -> (f64, f64) {
     let out = Command::new("iperf3")
@@ -222,10 +208,16 @@ fn main() {
             .start();
         let agent = c.agent().map(|p| p.pid()).expect("agent");
         let cp = c.control_plane().map(|p| p.pid()).expect("control plane");
-        let (a0, c0) = (cpu_seconds(agent), cpu_seconds(cp));
+        let (a0, c0) = (
+            tether_e2e::proc::cpu_seconds(agent),
+            tether_e2e::proc::cpu_seconds(cp),
+        );
         let (bps, bytes) = iperf(fwd_iperf, args.secs);
         let gb = bytes / 1e9;
-        let cpu = ((cpu_seconds(cp) - c0) / gb, (cpu_seconds(agent) - a0) / gb);
+        let cpu = (
+            (tether_e2e::proc::cpu_seconds(cp) - c0) / gb,
+            (tether_e2e::proc::cpu_seconds(agent) - a0) / gb,
+        );
         let rss = |pid: u32| {
             tether_e2e::proc::proc_status_kib(pid, "VmHWM:").unwrap_or(0) as f64 / 1024.0
         };
@@ -254,17 +246,7 @@ fn main() {
 }
 
 fn machine() -> String {
-    let cpu = std::fs::read_to_string("/proc/cpuinfo")
-        .ok()
-        .and_then(|c| {
-            c.lines().find_map(|l| {
-                l.strip_prefix("model name")
-                    .map(|v| v.trim_start_matches([' ', '\t', ':']).to_string())
-            })
-        })
-        .unwrap_or_default();
-    let cores = std::thread::available_parallelism().map_or(0, |n| n.get());
-    format!("{cores} cores ({cpu}), Linux loopback")
+    format!("{}, Linux loopback", tether_e2e::proc::machine_line())
 }
 
 fn report(args: &Args, rows: &[Row]) {
