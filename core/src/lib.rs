@@ -23,6 +23,7 @@ extern crate alloc;
 #[macro_use]
 mod fmt;
 
+mod engine;
 mod flow;
 mod keepalive;
 mod recent;

@@ -98,7 +98,6 @@ use core::fmt::Write as _;
 use heapless::{Deque, String};
 
 use crate::budget::Budget;
-use crate::credit::Credit;
 use crate::flow::TunnelPause;
 use crate::keepalive::Keepalive;
 use crate::recent::RecentlyClosed;
@@ -125,7 +124,9 @@ pub use stream::StreamKind;
 pub use tcp::TcpOpen;
 
 use headers::Forwarded;
-use stream::{ClientEnd, Failure, Flow, StreamData};
+use crate::engine::{self, PushRefused};
+use crate::flow::Flow;
+use stream::{ClientEnd, Failure, StreamData};
 
 /// Replies owed to the agent (register_success, acks, pongs, errors); when full, tunnel messages are
 /// refused with [`TunnelError::Blocked`] until one is sent.
@@ -307,8 +308,8 @@ impl<M: PayloadBuf, const STREAMS: usize, const RING: usize> Gateway<M, STREAMS,
     pub fn ring_occupancy(&self) -> crate::ring::RingOccupancy {
         let mut total = crate::ring::RingOccupancy::default();
         for (_, entry) in self.streams.iter() {
-            total.add(&entry.value.to_agent);
-            total.add(&entry.value.to_client);
+            total.add(&entry.value.pipe.to_tunnel);
+            total.add(&entry.value.pipe.to_local);
         }
         total
     }
@@ -408,8 +409,7 @@ impl<M: PayloadBuf, const STREAMS: usize, const RING: usize> Gateway<M, STREAMS,
             now + self.config.start_timeout,
         );
         if native {
-            data.wire = wire;
-            data.credit = Credit::new(RING, self.config.ring_bytes);
+            data.pipe.go_native(wire, self.config.ring_bytes);
         }
         let slot = self.insert(id, data)?;
         if native {
@@ -475,8 +475,7 @@ impl<M: PayloadBuf, const STREAMS: usize, const RING: usize> Gateway<M, STREAMS,
             now + self.config.start_timeout,
         );
         if credited {
-            data.response_credit = true;
-            data.credit = Credit::new(RING, self.config.ring_bytes);
+            data.pipe.give_credit(self.config.ring_bytes);
         }
         self.insert(id, data)?;
         self.stats.requests_opened += 1;
@@ -551,12 +550,7 @@ impl<M: PayloadBuf, const STREAMS: usize, const RING: usize> Gateway<M, STREAMS,
         let Some(slot) = self.streams.find(stream) else {
             return Err(SendError::Closed(payload));
         };
-        let own = self
-            .streams
-            .at(slot)
-            .map_or(0, |e| e.value.to_agent.bytes());
-        let (streams, live) = (&self.streams, self.streams.len());
-        let admitted = self.budget.admits(own, len, live, || toward_agent(streams));
+        let admitted = engine::admits(&self.streams, &mut self.budget, slot, len);
         let Some(entry) = self.streams.at_mut(slot) else {
             return Err(SendError::Closed(payload));
         };
@@ -570,28 +564,13 @@ impl<M: PayloadBuf, const STREAMS: usize, const RING: usize> Gateway<M, STREAMS,
         if !accepting {
             return Err(SendError::Closed(payload));
         }
-        if !admitted {
-            if !d.budget_stopped {
-                d.budget_stopped = true;
-                self.budget.on_stopped();
-            }
-            if !d.reading_stopped {
-                d.reading_stopped = true;
-                d.flow = Some(Flow::Stop);
-                debug!("stream {}: client reads paused (shared budget)", stream);
-            }
-            return Err(SendError::Full(payload));
-        }
-        let result = d.to_agent.push(Message { kind, payload });
-        if result.is_ok() {
-            self.budget.on_queued(len);
-        }
-        if (result.is_err() || d.to_agent.is_full()) && !d.reading_stopped {
-            d.reading_stopped = true;
-            d.flow = Some(Flow::Stop);
+        let (result, stopped) =
+            d.pipe
+                .queue_toward_tunnel(&mut self.budget, admitted, Message { kind, payload });
+        if stopped {
             debug!("stream {}: client reads paused", stream);
         }
-        result.map_err(|full| SendError::Full(full.0.payload))
+        result
     }
 
     /// The client of `stream` closed (with `close`, its WebSocket close code and reason) or went away
@@ -626,15 +605,13 @@ impl<M: PayloadBuf, const STREAMS: usize, const RING: usize> Gateway<M, STREAMS,
         d.owe_started = None;
         d.owe_failed = None;
         d.owe_client_end = None;
-        d.owe_readable = false;
-        d.reading_stopped = false;
-        d.flow = None;
+        d.pipe.forget_local();
         d.deadline = None;
-        self.stats.discarded_messages += d.to_client.clear().0 as u64;
+        self.stats.discarded_messages += d.pipe.to_local.clear().0 as u64;
         if d.agent_alive {
             if d.start.take().is_some() {
                 d.agent_alive = false;
-                self.stats.discarded_messages += d.to_agent.clear().0 as u64;
+                self.stats.discarded_messages += d.pipe.to_tunnel.clear().0 as u64;
             } else if d.kind != StreamKind::Request {
                 let close = close.unwrap_or_else(|| Close::new(1001, "client went away"));
                 info!("stream {}: closed by client ({})", stream, close);
@@ -661,10 +638,7 @@ impl<M: PayloadBuf, const STREAMS: usize, const RING: usize> Gateway<M, STREAMS,
         if !d.client_alive || opening {
             return None;
         }
-        let message = d.to_client.pop()?;
-        if d.is_credited() {
-            d.credit.on_consumed(message.payload.len());
-        }
+        let message = d.pipe.pop_local()?;
         self.stats.bytes_to_client += message.payload.len() as u64;
         self.check_unblock();
         Some(message)
@@ -867,7 +841,7 @@ impl<M: PayloadBuf, const STREAMS: usize, const RING: usize> Gateway<M, STREAMS,
         );
         d.owe_started = Some(subprotocol);
         d.deadline = None;
-        d.owe_readable = !d.to_client.is_empty();
+        d.pipe.owe_readable = !d.pipe.to_local.is_empty();
         let _ = self.streams.transition(slot, StreamState::Open);
         Ok(Handled::Consumed)
     }
@@ -929,7 +903,7 @@ impl<M: PayloadBuf, const STREAMS: usize, const RING: usize> Gateway<M, STREAMS,
             d.agent_alive = false;
             d.owe_agent_close = None;
             d.owe_cancel = false;
-            self.stats.discarded_messages += d.to_agent.clear().0 as u64;
+            self.stats.discarded_messages += d.pipe.to_tunnel.clear().0 as u64;
             self.stats.streams_failed += 1;
             let _ = self.streams.transition(slot, StreamState::Closing);
             self.settle(slot);
@@ -1024,38 +998,24 @@ impl<M: PayloadBuf, const STREAMS: usize, const RING: usize> Gateway<M, STREAMS,
             debug!("stream {}: data for an ended client discarded", entry.id());
             return Ok(Handled::Consumed);
         }
-        let native = d.is_credited();
-        if !native && !d.to_client.can_accept(len) {
-            let blocker = Blocker::Stream {
-                id: entry.id().clone(),
-                bytes: len,
-            };
-            return Err(self.block(blocker));
+        match d.pipe.push_from_tunnel(kind, len, !opening, make) {
+            Ok(()) => Ok(Handled::Consumed),
+            Err(PushRefused::Full) => {
+                let blocker = Blocker::Stream {
+                    id: entry.id().clone(),
+                    bytes: len,
+                };
+                Err(self.block(blocker))
+            }
+            Err(PushRefused::Payload) => {
+                let id = entry.id().clone();
+                let error = TunnelError::PayloadRefused { len };
+                warn!("stream {}: rejected: {}", id, error);
+                self.stats.bad_messages += 1;
+                self.close_both(slot, Close::new(1009, "message too big"));
+                Err(error)
+            }
         }
-        let Some(payload) = make() else {
-            let id = entry.id().clone();
-            let error = TunnelError::PayloadRefused { len };
-            warn!("stream {}: rejected: {}", id, error);
-            self.stats.bad_messages += 1;
-            self.close_both(slot, Close::new(1009, "message too big"));
-            return Err(error);
-        };
-        let was_empty = d.to_client.is_empty();
-        let message = Message { kind, payload };
-        // Native: credit bounds the ring (a message of credit never exceeds its capacity).
-        let pushed = if native {
-            d.to_client.push_credited(message)
-        } else {
-            d.to_client.push(message)
-        };
-        if pushed.is_err() {
-            // Unreachable: admission (or credit) was checked above. Refuse rather than lose it.
-            return Err(TunnelError::Blocked);
-        }
-        if was_empty && !opening {
-            d.owe_readable = true;
-        }
-        Ok(Handled::Consumed)
     }
 
     fn on_close<'a>(&mut self, close: WebSocketClose<'_>) -> Result<Handled<'a>, TunnelError> {
@@ -1088,10 +1048,10 @@ impl<M: PayloadBuf, const STREAMS: usize, const RING: usize> Gateway<M, STREAMS,
         d.agent_alive = false;
         d.start = None;
         d.owe_agent_close = None;
-        d.reading_stopped = false;
-        d.flow = None;
+        d.pipe.reading_stopped = false;
+        d.pipe.flow = None;
         d.deadline = None;
-        self.stats.discarded_messages += d.to_agent.clear().0 as u64;
+        self.stats.discarded_messages += d.pipe.to_tunnel.clear().0 as u64;
         if d.client_alive {
             if state == StreamState::Opening {
                 let (status, message) = match &close {
@@ -1172,14 +1132,14 @@ impl<M: PayloadBuf, const STREAMS: usize, const RING: usize> Gateway<M, STREAMS,
         debug!("request {}: response {}", stream, status);
         if let Some(payload) = body {
             // The ring is empty (nothing comes before a header), which takes any one message.
-            if d.to_client
+            if d.pipe.to_local
                 .push(Message {
                     kind: MessageKind::Binary,
                     payload,
                 })
                 .is_ok()
             {
-                d.owe_readable = true;
+                d.pipe.owe_readable = true;
             }
         }
         if buffered.is_some() {
@@ -1221,9 +1181,9 @@ impl<M: PayloadBuf, const STREAMS: usize, const RING: usize> Gateway<M, STREAMS,
             return Ok(Handled::Consumed);
         }
         if let Some(entry) = self.streams.at_mut(slot)
-            && entry.value.response_credit
+            && entry.value.pipe.credited
             && entry.value.agent_alive
-            && let Err(e) = entry.value.credit.on_received(bytes.len())
+            && let Err(e) = entry.value.pipe.credit.on_received(bytes.len())
         {
             self.close_both(slot, Close::new(1008, "flow control violated"));
             return Err(self.reject(Some(id), TunnelError::Credit(e), true));
@@ -1322,7 +1282,7 @@ impl<M: PayloadBuf, const STREAMS: usize, const RING: usize> Gateway<M, STREAMS,
         };
         let state = entry.state();
         let d = &mut entry.value;
-        self.stats.discarded_messages += d.to_agent.clear().0 as u64;
+        self.stats.discarded_messages += d.pipe.to_tunnel.clear().0 as u64;
         if d.client_alive && d.owe_client_end.is_none() {
             if state == StreamState::Opening {
                 d.owe_failed = Some(Failure {
@@ -1346,8 +1306,8 @@ impl<M: PayloadBuf, const STREAMS: usize, const RING: usize> Gateway<M, STREAMS,
             }
         }
         d.deadline = None;
-        d.flow = None;
-        d.reading_stopped = false;
+        d.pipe.flow = None;
+        d.pipe.reading_stopped = false;
         if state != StreamState::Closing {
             let _ = self.streams.transition(slot, StreamState::Closing);
         }
@@ -1403,7 +1363,7 @@ impl<M: PayloadBuf, const STREAMS: usize, const RING: usize> Gateway<M, STREAMS,
             Some(Blocker::Stream { id, bytes }) => self.streams.get(id.as_str()).is_none_or(|e| {
                 !e.value.client_alive
                     || e.value.owe_client_end.is_some()
-                    || e.value.to_client.can_accept(*bytes)
+                    || e.value.pipe.to_local.can_accept(*bytes)
             }),
         };
         if free {
@@ -1439,13 +1399,13 @@ impl<M: PayloadBuf, const STREAMS: usize, const RING: usize> Gateway<M, STREAMS,
             };
             let state = entry.state();
             let d = &mut entry.value;
-            self.stats.discarded_messages += d.to_agent.clear().0 as u64;
+            self.stats.discarded_messages += d.pipe.to_tunnel.clear().0 as u64;
             d.start = None;
             d.owe_agent_close = None;
             d.owe_cancel = false;
             d.deadline = None;
-            d.flow = None;
-            d.reading_stopped = false;
+            d.pipe.flow = None;
+            d.pipe.reading_stopped = false;
             if d.client_alive && d.agent_alive {
                 if state == StreamState::Opening {
                     d.owe_failed = Some(Failure {
@@ -1612,7 +1572,7 @@ impl<M: PayloadBuf, const STREAMS: usize, const RING: usize> Gateway<M, STREAMS,
         }
         if let Some(failure) = d.owe_failed.take() {
             d.client_alive = false;
-            self.stats.discarded_messages += d.to_client.clear().0 as u64;
+            self.stats.discarded_messages += d.pipe.to_local.clear().0 as u64;
             self.settle(slot);
             return Some(Event::Failed {
                 stream,
@@ -1620,10 +1580,10 @@ impl<M: PayloadBuf, const STREAMS: usize, const RING: usize> Gateway<M, STREAMS,
                 message: failure.message,
             });
         }
-        if core::mem::take(&mut d.owe_readable) && !d.to_client.is_empty() {
+        if core::mem::take(&mut d.pipe.owe_readable) && !d.pipe.to_local.is_empty() {
             return Some(Event::DataForClient(stream));
         }
-        if d.to_client.is_empty()
+        if d.pipe.to_local.is_empty()
             && let Some(end) = d.owe_client_end.take()
         {
             d.client_alive = false;
@@ -1634,7 +1594,7 @@ impl<M: PayloadBuf, const STREAMS: usize, const RING: usize> Gateway<M, STREAMS,
                 ClientEnd::Abort(message) => Event::ResponseAbort { stream, message },
             });
         }
-        match d.flow.take()? {
+        match d.pipe.take_flow()? {
             Flow::Stop => Some(Event::StopReadingClient(stream)),
             Flow::Resume => Some(Event::ResumeReadingClient(stream)),
         }
@@ -1773,7 +1733,7 @@ impl<M: PayloadBuf, const STREAMS: usize, const RING: usize> Gateway<M, STREAMS,
             return self.transmit_native_control(slot, buf);
         }
         let id = WireStr::Plain(stream.as_str());
-        if let Some(close) = d.owe_agent_close.as_ref().filter(|_| d.to_agent.is_empty()) {
+        if let Some(close) = d.owe_agent_close.as_ref().filter(|_| d.pipe.to_tunnel.is_empty()) {
             let n = if d.kind == StreamKind::Tcp {
                 tcp::close_message(id, close).encode(Some(id), unix, buf)?
             } else {
@@ -1794,16 +1754,17 @@ impl<M: PayloadBuf, const STREAMS: usize, const RING: usize> Gateway<M, STREAMS,
         }
         let receiving = d.client_alive && d.agent_alive && d.owe_client_end.is_none();
         if let Some(grant) = d
+            .pipe
             .credit
             .grant_due()
-            .filter(|_| d.response_credit && receiving && !d.owe_cancel)
+            .filter(|_| d.pipe.credited && receiving && !d.owe_cancel)
         {
             let n = ControlMessage::ProxyResponseCredit {
                 bytes: grant.bytes,
                 messages: grant.messages,
             }
             .encode(Some(id), unix, buf)?;
-            d.credit.on_granted(grant);
+            d.pipe.credit.on_granted(grant);
             return Ok(Some(n));
         }
         if d.owe_cancel {
@@ -1827,13 +1788,13 @@ impl<M: PayloadBuf, const STREAMS: usize, const RING: usize> Gateway<M, STREAMS,
         let Some(entry) = self.streams.at(slot) else {
             return Ok(None);
         };
-        if entry.value.start.is_some() || entry.value.to_agent.is_empty() {
+        if entry.value.start.is_some() || entry.value.pipe.to_tunnel.is_empty() {
             return Ok(None);
         }
         if entry.value.is_native() {
             return self.transmit_native_data(slot, now, buf, owned);
         }
-        let Some(message) = entry.value.to_agent.front() else {
+        let Some(message) = entry.value.pipe.to_tunnel.front() else {
             return Ok(None);
         };
         let bytes = message.payload.as_bytes();
@@ -1863,31 +1824,7 @@ impl<M: PayloadBuf, const STREAMS: usize, const RING: usize> Gateway<M, STREAMS,
     /// The front message toward the agent of `slot` was sent: takes it out (returned) and lets
     /// the client be read again once the ring is below half.
     fn sent_front(&mut self, slot: Slot) -> Option<Message<M>> {
-        let d = &mut self.streams.at_mut(slot)?.value;
-        let message = d.to_agent.pop()?;
-        if d.budget_stopped && d.to_agent.is_empty() {
-            // Its own ring is empty: the shared budget admits it again (see `crate::budget`).
-            d.budget_stopped = false;
-            self.budget.on_unstopped();
-        }
-        if d.reading_stopped && !d.budget_stopped && d.to_agent.is_below_half() {
-            d.reading_stopped = false;
-            d.flow = Some(Flow::Resume);
-        }
-        let streams = &self.streams;
-        if self.budget.take_resume(|| toward_agent(streams)) {
-            for (_, entry) in self.streams.iter_mut() {
-                let d = &mut entry.value;
-                if core::mem::take(&mut d.budget_stopped)
-                    && d.reading_stopped
-                    && d.to_agent.is_below_half()
-                {
-                    d.reading_stopped = false;
-                    d.flow = Some(Flow::Resume);
-                }
-            }
-        }
-        Some(message)
+        engine::sent_front(&mut self.streams, &mut self.budget, slot)
     }
 
     // ---------------------------------------------------------------------------------------------
@@ -1904,7 +1841,7 @@ impl<M: PayloadBuf, const STREAMS: usize, const RING: usize> Gateway<M, STREAMS,
         }
         if let Ok(Some(entry)) = self.streams.transition(slot, StreamState::Closed) {
             debug!("stream {}: freed", entry.id());
-            if entry.value.budget_stopped {
+            if entry.value.pipe.budget_stopped {
                 self.budget.on_unstopped();
             }
             self.recently_closed.remember(entry.id().clone());
@@ -1920,13 +1857,6 @@ impl<M: PayloadBuf, const STREAMS: usize, const RING: usize> Gateway<M, STREAMS,
             .ok()
             .and_then(|id| self.streams.find(id))
     }
-}
-
-/// Bytes queued toward the agent in every stream's ring.
-fn toward_agent<M: PayloadBuf, const STREAMS: usize, const RING: usize>(
-    streams: &StreamTable<StreamData<M, RING>, STREAMS>,
-) -> usize {
-    streams.iter().map(|(_, e)| e.value.to_agent.bytes()).sum()
 }
 
 fn reply_id(id: Option<JsonStr<'_>>) -> String<MAX_REPLY_ID> {

@@ -6,7 +6,7 @@
 //! requests, TCP tunnels and error replies stay JSON envelopes. Flow control follows
 //! [`crate::credit`]: the tunnel reader is never paused for a native stream.
 
-use crate::credit::INTERACTIVE_MAX;
+use crate::engine;
 use crate::relay::{Close, PayloadBuf, Transmit};
 use crate::table::{Slot, StreamState};
 use crate::text::truncated;
@@ -89,7 +89,7 @@ impl<M: PayloadBuf, const STREAMS: usize, const RING: usize> Gateway<M, STREAMS,
                 bytes, messages, ..
             } => {
                 if let Some(entry) = self.streams.at_mut(slot)
-                    && let Some(blocked) = entry.value.credit.on_grant(now, bytes, messages)
+                    && let Some(blocked) = entry.value.pipe.credit.on_grant(now, bytes, messages)
                 {
                     self.stats.credit_blocked_micros += blocked.as_micros();
                 }
@@ -146,7 +146,7 @@ impl<M: PayloadBuf, const STREAMS: usize, const RING: usize> Gateway<M, STREAMS,
     ) -> Result<Handled<'a>, TunnelError> {
         if let Some(entry) = self.streams.at_mut(slot)
             && entry.value.agent_alive
-            && let Err(e) = entry.value.credit.on_received(len)
+            && let Err(e) = entry.value.pipe.credit.on_received(len)
         {
             let name = truncated(entry.id().as_str().chars());
             self.close_both(slot, Close::new(1008, "flow control violated"));
@@ -199,7 +199,7 @@ impl<M: PayloadBuf, const STREAMS: usize, const RING: usize> Gateway<M, STREAMS,
     pub(super) fn find_wire(&self, wire: u32) -> Option<Slot> {
         self.streams
             .iter()
-            .find(|(_, e)| e.value.wire == wire)
+            .find(|(_, e)| e.value.pipe.wire == wire)
             .map(|(slot, _)| slot)
     }
 
@@ -215,19 +215,12 @@ impl<M: PayloadBuf, const STREAMS: usize, const RING: usize> Gateway<M, STREAMS,
         };
         let closing = entry.state() == StreamState::Closing;
         let d = &mut entry.value;
-        let wire = d.wire;
+        let wire = d.pipe.wire;
         let receiving = d.client_alive && d.agent_alive && !closing;
-        if let Some(grant) = d.credit.grant_due().filter(|_| receiving) {
-            let frame = NativeFrame::Credit {
-                stream: wire,
-                bytes: grant.bytes,
-                messages: grant.messages,
-            };
-            let n = frame.encode(buf)?;
-            d.credit.on_granted(grant);
+        if let Some(n) = d.pipe.take_grant(receiving, buf)? {
             return Ok(Some(n));
         }
-        if let Some(close) = d.owe_agent_close.as_ref().filter(|_| d.to_agent.is_empty()) {
+        if let Some(close) = d.owe_agent_close.as_ref().filter(|_| d.pipe.to_tunnel.is_empty()) {
             let frame = NativeFrame::Close {
                 stream: wire,
                 code: close.code,
@@ -251,49 +244,26 @@ impl<M: PayloadBuf, const STREAMS: usize, const RING: usize> Gateway<M, STREAMS,
         buf: &mut [u8],
         owned: bool,
     ) -> Result<Option<Transmit<M>>, TransmitError> {
-        let Some(entry) = self.streams.at_mut(slot) else {
-            return Ok(None);
-        };
-        let d = &mut entry.value;
-        if !d.credit.can_send() {
-            if d.credit.mark_blocked(now) {
-                self.stats.credit_stalls += 1;
-            }
-            return Ok(None);
-        }
-        let Some(message) = d.to_agent.front() else {
-            return Ok(None);
-        };
-        let payload = message.payload.as_bytes();
-        let header = native::data_header(d.wire, message.kind.into());
-        let len = payload.len();
-        if owned {
-            d.credit.on_sent(len);
-            self.stats.bytes_to_agent += len as u64;
-            let Some(message) = self.sent_front(slot) else {
-                return Ok(None);
-            };
-            let payload = message.payload;
-            return Ok(Some(Transmit::Data { header, payload }));
-        }
-        let n = native::encode_data_header(buf, d.wire, message.kind.into(), len)?;
-        buf[native::HEADER_LEN..n].copy_from_slice(payload);
-        d.credit.on_sent(len);
-        self.stats.bytes_to_agent += len as u64;
-        let _ = self.sent_front(slot);
-        Ok(Some(Transmit::Encoded(n)))
+        let sent = engine::transmit_native_data(
+            &mut self.streams,
+            &mut self.budget,
+            slot,
+            now,
+            buf,
+            owned,
+            &mut self.stats.credit_stalls,
+        )?;
+        Ok(sent.map(|sent| {
+            self.stats.bytes_to_agent += sent.len as u64;
+            sent.transmit
+        }))
     }
 
     /// Whether the front message toward the agent of `slot` is small enough to go ahead of bulk
     /// data (and may be sent now).
     pub(super) fn is_interactive(&self, slot: Slot) -> bool {
-        self.streams.at(slot).is_some_and(|e| {
-            let d = &e.value;
-            d.start.is_none()
-                && d.to_agent
-                    .front()
-                    .is_some_and(|m| m.payload.len() <= INTERACTIVE_MAX)
-                && (!d.is_native() || d.credit.can_send())
-        })
+        self.streams
+            .at(slot)
+            .is_some_and(|e| e.value.start.is_none() && e.value.pipe.front_is_interactive())
     }
 }

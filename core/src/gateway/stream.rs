@@ -2,9 +2,9 @@
 
 use heapless::String;
 
-use crate::credit::Credit;
-use crate::relay::{Close, MAX_FAILURE_MESSAGE, MAX_SUBPROTOCOL, Message};
-use crate::ring::{Payload, Ring};
+use crate::engine::{Carries, Pipe};
+use crate::relay::{Close, MAX_FAILURE_MESSAGE, MAX_SUBPROTOCOL};
+use crate::ring::Payload;
 use crate::time::Instant;
 
 /// What a stream carries.
@@ -18,8 +18,6 @@ pub enum StreamKind {
     /// A raw TCP connection (`tcp_tunnel_*`), see [`Gateway::open_tcp`](super::Gateway::open_tcp).
     Tcp,
 }
-
-pub(crate) use crate::flow::Flow;
 
 /// A refusal owed to the client as [`Event::Failed`](super::Event::Failed).
 #[derive(Clone, Debug)]
@@ -40,19 +38,18 @@ pub(crate) enum ClientEnd {
 #[derive(Debug)]
 pub(crate) struct StreamData<M, const RING: usize> {
     pub(crate) kind: StreamKind,
+    /// The rings, credit and read state shared with the agent role (toward the tunnel is what
+    /// the client sent; the local end is the client).
+    pub(crate) pipe: Pipe<M, RING>,
     /// The encoded start (`proxy_websocket_start` / `proxy_request`), owed to the tunnel.
     pub(crate) start: Option<M>,
-    /// Client -> agent messages, drained by `poll_transmit`.
-    pub(crate) to_agent: Ring<Message<M>, RING>,
-    /// Agent -> client messages, popped by the adapter.
-    pub(crate) to_client: Ring<Message<M>, RING>,
     /// `Started` owed to the client, with the subprotocol.
     pub(crate) owe_started: Option<String<MAX_SUBPROTOCOL>>,
     /// `Failed` owed to the client.
     pub(crate) owe_failed: Option<Failure>,
-    /// Terminal event owed to the client after `to_client` drains.
+    /// Terminal event owed to the client after the ring toward the client drains.
     pub(crate) owe_client_end: Option<ClientEnd>,
-    /// `proxy_websocket_close` owed to the agent after `to_agent` drains.
+    /// `proxy_websocket_close` owed to the agent after the ring toward the tunnel drains.
     pub(crate) owe_agent_close: Option<Close>,
     /// `proxy_cancel` owed to the agent.
     pub(crate) owe_cancel: bool,
@@ -60,23 +57,17 @@ pub(crate) struct StreamData<M, const RING: usize> {
     pub(crate) client_alive: bool,
     /// The agent side has not ended (and we have not ended it).
     pub(crate) agent_alive: bool,
-    /// A `DataForClient` event is owed.
-    pub(crate) owe_readable: bool,
-    /// The adapter was told to stop reading the client.
-    pub(crate) reading_stopped: bool,
-    /// A pending stop/resume-reading notice.
-    pub(crate) flow: Option<Flow>,
     /// Start deadline while opening.
     pub(crate) deadline: Option<Instant>,
-    /// The stream's number on the tunnel in native mode; 0 for a compat stream.
-    pub(crate) wire: u32,
-    /// Credit windows (native mode, and requests with `response_credit`).
-    pub(crate) credit: Credit,
-    /// A request whose response body the agent sends only within `credit` (extension
-    /// `response_credit`): its client's stall holds only it.
-    pub(crate) response_credit: bool,
-    /// Reading the client was stopped by the shared budget ([`crate::budget`]).
-    pub(crate) budget_stopped: bool,
+}
+
+impl<M, const RING: usize> Carries<M, RING> for StreamData<M, RING> {
+    fn pipe(&self) -> &Pipe<M, RING> {
+        &self.pipe
+    }
+    fn pipe_mut(&mut self) -> &mut Pipe<M, RING> {
+        &mut self.pipe
+    }
 }
 
 impl<M: Payload, const RING: usize> StreamData<M, RING> {
@@ -89,8 +80,7 @@ impl<M: Payload, const RING: usize> StreamData<M, RING> {
         Self {
             kind,
             start: Some(start),
-            to_agent: Ring::new(ring_bytes),
-            to_client: Ring::new(ring_bytes),
+            pipe: Pipe::new(ring_bytes),
             owe_started: None,
             owe_failed: None,
             owe_client_end: None,
@@ -98,25 +88,13 @@ impl<M: Payload, const RING: usize> StreamData<M, RING> {
             owe_cancel: false,
             client_alive: true,
             agent_alive: true,
-            owe_readable: false,
-            reading_stopped: false,
-            flow: None,
             deadline: Some(deadline),
-            wire: 0,
-            credit: Credit::ZERO,
-            response_credit: false,
-            budget_stopped: false,
         }
-    }
-
-    /// Whether data toward the client is bounded by credit (not by pausing the tunnel).
-    pub(crate) const fn is_credited(&self) -> bool {
-        self.wire != 0 || self.response_credit
     }
 
     /// Whether the stream speaks the native wire mode.
     pub(crate) const fn is_native(&self) -> bool {
-        self.wire != 0
+        self.pipe.is_native()
     }
 
     /// Whether nothing is owed to either side any more (the stream may be freed once closing).

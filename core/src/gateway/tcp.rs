@@ -83,17 +83,31 @@ impl<M: PayloadBuf, const STREAMS: usize, const RING: usize> Gateway<M, STREAMS,
         if req.port == 0 || !valid_host(req.host) {
             return Err(OpenError::TcpTarget);
         }
+        let ext = self.session.extensions;
+        let wire = if ext.native && ext.native_tcp {
+            let wire = self.session.last_wire.checked_add(1);
+            Some(wire.ok_or(OpenError::TooManyStreams)?)
+        } else {
+            None
+        };
         let message = ControlMessage::TcpTunnelStart {
             tunnel_id: WireStr::Plain(req.id),
             service_name: Some(WireStr::Plain(req.host)),
             service_port: req.port,
             client_addr: req.client_addr.map(WireStr::Plain),
+            stream: wire,
         };
         let start = self.encode_start(&message, req.id, unix_time, scratch)?;
         let mut data = StreamData::new(StreamKind::Tcp, start, self.config.ring_bytes, now);
         data.deadline = None;
         data.owe_started = Some(String::new());
+        if let Some(wire) = wire {
+            data.pipe.go_native(wire, self.config.ring_bytes);
+        }
         let slot = self.insert(id, data)?;
+        if let Some(wire) = wire {
+            self.session.last_wire = wire;
+        }
         let _ = self.streams.transition(slot, StreamState::Open);
         self.stats.streams_opened += 1;
         info!("tunnel {}: start tcp {}:{}", req.id, req.host, req.port);

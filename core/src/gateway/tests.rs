@@ -347,7 +347,7 @@ fn golden_register_success_advertises_extensions() {
     assert_eq!(
         h.sent[0].raw,
         format!(
-            r#"{{"type":"register_success","request_id":"req_1_a1","payload":{{"cluster_id":"c1","extensions":{{"websocket_started":true,"websocket_close_code":true,"proxy_error_status":true,"native_frames":true,"raw_upgrade":true,"response_credit":true}}}},"timestamp":"{STAMP}"}}"#
+            r#"{{"type":"register_success","request_id":"req_1_a1","payload":{{"cluster_id":"c1","extensions":{{"websocket_started":true,"websocket_close_code":true,"proxy_error_status":true,"native_frames":true,"raw_upgrade":true,"response_credit":true,"native_tcp":true}}}},"timestamp":"{STAMP}"}}"#
         )
     );
     // The test agent offers the compat extensions only.
@@ -357,6 +357,7 @@ fn golden_register_success_advertises_extensions() {
             agent_id: s("a1"),
             extensions: Extensions {
                 native: false,
+                native_tcp: false,
                 ..Extensions::ALL
             }
         }]
@@ -1307,12 +1308,23 @@ mod pair {
         tcp_dials: Vec<(String, String, u16)>,
         client: BTreeMap<String, Vec<(MessageKind, Vec<u8>)>>,
         events: Vec<Event>,
+        /// Every tunnel frame, both ways, in order.
+        frames: Vec<Vec<u8>>,
     }
 
     impl Pair {
         fn new() -> Self {
+            Self::with_extensions(Extensions::ALL)
+        }
+
+        /// A pair whose agent offers `extensions` (the control plane offers them all).
+        fn with_extensions(extensions: Extensions) -> Self {
             let now = Instant::from_secs(5);
-            let mut relay = AgentRelay::new(relay::Config::default());
+            let config = relay::Config {
+                extensions,
+                ..relay::Config::default()
+            };
+            let mut relay = AgentRelay::new(config);
             relay.start_session(now, SessionInfo::new("a1", "edge", "0.1.0"));
             let mut p = Self {
                 now,
@@ -1325,9 +1337,21 @@ mod pair {
                 tcp_dials: Vec::new(),
                 client: BTreeMap::new(),
                 events: Vec::new(),
+                frames: Vec::new(),
             };
             p.run();
             p
+        }
+
+        /// Tunnel frames that are native data frames, and those that are `tcp_tunnel_data`.
+        fn tcp_framing(&self) -> (usize, usize) {
+            let native = self.frames.iter().filter(|f| crate::wire::native::is_data(f)).count();
+            let compat = self
+                .frames
+                .iter()
+                .filter(|f| f.windows(17).any(|w| w == b"\"tcp_tunnel_data\""))
+                .count();
+            (native, compat)
         }
 
         /// Moves messages both ways until nothing moves.
@@ -1338,6 +1362,7 @@ mod pair {
                 // Agent -> control plane.
                 while let Some(n) = self.relay.poll_transmit(self.now, EPOCH, &mut buf).unwrap() {
                     let frame = buf[..n].to_vec();
+                    self.frames.push(frame.clone());
                     match self
                         .gw
                         .handle_tunnel_message(self.now, &frame, &mut self.scratch)
@@ -1352,6 +1377,7 @@ mod pair {
                 // Control plane -> agent.
                 while let Some(n) = self.gw.poll_transmit(self.now, EPOCH, &mut buf).unwrap() {
                     let frame = buf[..n].to_vec();
+                    self.frames.push(frame.clone());
                     let handled = self
                         .relay
                         .handle_tunnel_message(self.now, &frame, &mut self.scratch)
@@ -1566,8 +1592,35 @@ mod pair {
     }
 
     #[test]
-    fn tcp_through_the_agent_relay_data_close_dial_failure_service_close() {
-        let mut p = Pair::new();
+    fn tcp_through_the_agent_relay_on_native_frames() {
+        let p = tcp_through_the_agent_relay(Extensions::ALL);
+        assert!(p.relay.extensions().native_tcp && p.gw.extensions().native_tcp);
+        let (native, compat) = p.tcp_framing();
+        assert!(native >= 3, "tunnel bytes travel as native data frames");
+        assert_eq!(compat, 0, "no base64 JSON for tunnel bytes");
+    }
+
+    #[test]
+    fn tcp_through_the_agent_relay_in_compat_frames() {
+        for extensions in [
+            Extensions {
+                native_tcp: false,
+                ..Extensions::ALL
+            },
+            Extensions::NONE,
+        ] {
+            let p = tcp_through_the_agent_relay(extensions);
+            assert!(!p.gw.extensions().native_tcp);
+            let (native, compat) = p.tcp_framing();
+            assert_eq!(native, 0, "{extensions:?}");
+            assert!(compat >= 3, "{extensions:?}");
+        }
+    }
+
+    /// Data both ways, a client close, a dial failure and a service close through a pair whose
+    /// agent offers `extensions`.
+    fn tcp_through_the_agent_relay(extensions: Extensions) -> Pair {
+        let mut p = Pair::with_extensions(extensions);
         p.events.clear();
         let open = |id| TcpOpen {
             id,
@@ -1653,6 +1706,7 @@ mod pair {
             ]
         );
         assert_eq!((p.gw.stream_count(), p.relay.stream_count()), (0, 0));
+        p
     }
 }
 

@@ -118,7 +118,9 @@ pub use validate::{
 
 use event::truncated;
 use session::Session;
-use stream::{Failure, Flow, StreamData};
+use crate::engine::{self, PushRefused};
+use crate::flow::Flow;
+use stream::{Failure, StreamData};
 
 /// Replies to tunnel messages (pong, errors, fallbacks) that can wait for `poll_transmit`; when
 /// full, tunnel messages are refused with [`TunnelError::Blocked`] until one is sent.
@@ -332,6 +334,15 @@ impl<M: PayloadBuf, const STREAMS: usize, const RING: usize> Relay<M, STREAMS, R
         self.stats
     }
 
+    /// The extensions this relay offers: [`Config::extensions`], without `native_tcp` when a
+    /// native data frame of [`Config::max_message`] bytes would not fit one `M` (an embedded
+    /// buffer type: compat tunnel data is split to fit, native frames cannot be).
+    fn offered(&self) -> Extensions {
+        let mut ext = self.config.extensions;
+        ext.native_tcp &= M::max_len() >= self.config.max_message;
+        ext
+    }
+
     /// Extensions in use on this session (none before `register_success`).
     #[must_use]
     pub const fn extensions(&self) -> Extensions {
@@ -343,8 +354,8 @@ impl<M: PayloadBuf, const STREAMS: usize, const RING: usize> Relay<M, STREAMS, R
     pub fn ring_occupancy(&self) -> crate::ring::RingOccupancy {
         let mut total = crate::ring::RingOccupancy::default();
         for (_, entry) in self.streams.iter() {
-            total.add(&entry.value.to_upstream);
-            total.add(&entry.value.to_tunnel);
+            total.add(&entry.value.pipe.to_local);
+            total.add(&entry.value.pipe.to_tunnel);
         }
         total
     }
@@ -442,10 +453,10 @@ impl<M: PayloadBuf, const STREAMS: usize, const RING: usize> Relay<M, STREAMS, R
             d.owe_started = false;
             d.owe_failed = None;
             d.owe_close = None;
-            d.owe_readable = false;
-            d.reading_stopped = false;
-            d.flow = None;
-            let discarded = d.to_tunnel.clear().0 + d.to_upstream.clear().0;
+            d.pipe.owe_readable = false;
+            d.pipe.reading_stopped = false;
+            d.pipe.flow = None;
+            let discarded = d.pipe.to_tunnel.clear().0 + d.pipe.to_local.clear().0;
             d.owe_close_upstream = d.upstream_alive.then(|| Close::new(1001, "tunnel lost"));
             self.stats.discarded_messages += discarded as u64;
             if entry.state() != StreamState::Closing {
@@ -524,10 +535,11 @@ impl<M: PayloadBuf, const STREAMS: usize, const RING: usize> Relay<M, STREAMS, R
                 Ok(Handled::Consumed)
             }
             Inbound::RegisterSuccess(ok) => {
+                let ours = self.offered();
                 let s = &mut self.session;
                 s.registered = true;
                 s.cluster_id = truncated(ok.cluster_id.chars());
-                let (ours, theirs) = (self.config.extensions, ok.extensions);
+                let theirs = ok.extensions;
                 s.extensions = ours.common(theirs);
                 s.owe_registered = true;
                 s.next_heartbeat = Some(now + self.config.heartbeat_interval);
@@ -700,37 +712,23 @@ impl<M: PayloadBuf, const STREAMS: usize, const RING: usize> Relay<M, STREAMS, R
             debug!("stream {}: data after close discarded", entry.id());
             return Ok(Handled::Consumed);
         }
-        let native = entry.value.is_native();
-        let ring = &mut entry.value.to_upstream;
-        if !native && !ring.can_accept(len) {
-            let blocker = Blocker::Stream {
-                id: entry.id().clone(),
-                bytes: len,
-            };
-            return Err(self.block(blocker));
+        let notify = entry.state() == StreamState::Open;
+        match entry.value.pipe.push_from_tunnel(kind, len, notify, make) {
+            Ok(()) => Ok(Handled::Consumed),
+            Err(PushRefused::Full) => {
+                let blocker = Blocker::Stream {
+                    id: entry.id().clone(),
+                    bytes: len,
+                };
+                Err(self.block(blocker))
+            }
+            Err(PushRefused::Payload) => {
+                let error = TunnelError::PayloadRefused { len };
+                let id = entry.id().clone();
+                self.close_from_tunnel(now, slot, Close::new(1009, "message too big"));
+                Err(self.reject_stream(&id, error))
+            }
         }
-        let Some(payload) = make() else {
-            let error = TunnelError::PayloadRefused { len };
-            let id = entry.id().clone();
-            self.close_from_tunnel(now, slot, Close::new(1009, "message too big"));
-            return Err(self.reject_stream(&id, error));
-        };
-        let was_empty = ring.is_empty();
-        let message = Message { kind, payload };
-        // Native: credit bounds the ring (a message of credit never exceeds its capacity).
-        let pushed = if native {
-            ring.push_credited(message)
-        } else {
-            ring.push(message)
-        };
-        if pushed.is_err() {
-            // Unreachable: admission (or credit) was checked above. Refuse rather than lose it.
-            return Err(TunnelError::Blocked);
-        }
-        if was_empty && entry.state() == StreamState::Open {
-            entry.value.owe_readable = true;
-        }
-        Ok(Handled::Consumed)
     }
 
     fn on_close<'a>(
@@ -918,11 +916,11 @@ impl<M: PayloadBuf, const STREAMS: usize, const RING: usize> Relay<M, STREAMS, R
             None => return,
             Some(Blocker::Replies) => !self.replies.is_full(),
             Some(Blocker::Stream { id, bytes }) => self.streams.get(id.as_str()).is_none_or(|e| {
-                e.state() == StreamState::Closing || e.value.to_upstream.can_accept(*bytes)
+                e.state() == StreamState::Closing || e.value.pipe.to_local.can_accept(*bytes)
             }),
             Some(Blocker::Pieces { id, bytes, pieces }) => {
                 self.streams.get(id.as_str()).is_none_or(|e| {
-                    let ring = &e.value.to_upstream;
+                    let ring = &e.value.pipe.to_local;
                     e.state() == StreamState::Closing
                         || (ring.len() + pieces <= ring.capacity()
                             && (ring.bytes() + bytes <= ring.byte_budget()
@@ -952,7 +950,7 @@ impl<M: PayloadBuf, const STREAMS: usize, const RING: usize> Relay<M, STREAMS, R
         warn!("stream {}: closed: {}", id, close.reason.as_str());
         self.stats.stalled_streams_closed += 1;
         if let Some(entry) = self.streams.at_mut(slot) {
-            self.stats.discarded_messages += entry.value.to_upstream.clear().0 as u64;
+            self.stats.discarded_messages += entry.value.pipe.to_local.clear().0 as u64;
         }
         self.close_from_tunnel(now, slot, close);
         self.check_unblock();
@@ -979,7 +977,7 @@ impl<M: PayloadBuf, const STREAMS: usize, const RING: usize> Relay<M, STREAMS, R
         };
         let d = &mut entry.value;
         if state == StreamState::Opening {
-            self.stats.discarded_messages += d.to_upstream.clear().0 as u64;
+            self.stats.discarded_messages += d.pipe.to_local.clear().0 as u64;
         }
         // The upstream stays readable until it reports its close: flow notices keep going.
         d.owe_close_upstream = Some(close);
@@ -1022,7 +1020,7 @@ impl<M: PayloadBuf, const STREAMS: usize, const RING: usize> Relay<M, STREAMS, R
         }
         // Native streams are always acknowledged: the start frame's answer carries the subprotocol.
         d.owe_started = (ack || d.is_native()) && !d.is_tcp();
-        d.owe_readable = !d.to_upstream.is_empty();
+        d.pipe.owe_readable = !d.pipe.to_local.is_empty();
         info!(
             "stream {}: upstream open, subprotocol {}",
             entry.id(),
@@ -1103,11 +1101,11 @@ impl<M: PayloadBuf, const STREAMS: usize, const RING: usize> Relay<M, STREAMS, R
         let d = &mut entry.value;
         d.upstream_alive = false;
         d.owe_close_upstream = None;
-        d.owe_readable = false;
-        d.reading_stopped = false;
-        d.flow = None;
+        d.pipe.owe_readable = false;
+        d.pipe.reading_stopped = false;
+        d.pipe.flow = None;
         d.deadline = None;
-        let discarded = d.to_upstream.clear().0;
+        let discarded = d.pipe.to_local.clear().0;
         self.stats.discarded_messages += discarded as u64;
         if !d.tunnel_closed {
             d.tunnel_closed = true;
@@ -1143,14 +1141,7 @@ impl<M: PayloadBuf, const STREAMS: usize, const RING: usize> Relay<M, STREAMS, R
         let Some(slot) = self.streams.find(stream) else {
             return Err(SendError::Closed(payload));
         };
-        let own = self
-            .streams
-            .at(slot)
-            .map_or(0, |e| e.value.to_tunnel.bytes());
-        let (streams, live) = (&self.streams, self.streams.len());
-        let admitted = self
-            .budget
-            .admits(own, len, live, || toward_tunnel(streams));
+        let admitted = engine::admits(&self.streams, &mut self.budget, slot, len);
         let Some(entry) = self.streams.at_mut(slot) else {
             return Err(SendError::Closed(payload));
         };
@@ -1164,28 +1155,13 @@ impl<M: PayloadBuf, const STREAMS: usize, const RING: usize> Relay<M, STREAMS, R
         if !accepting {
             return Err(SendError::Closed(payload));
         }
-        if !admitted {
-            if !d.budget_stopped {
-                d.budget_stopped = true;
-                self.budget.on_stopped();
-            }
-            if !d.reading_stopped {
-                d.reading_stopped = true;
-                d.flow = Some(Flow::Stop);
-                debug!("stream {}: upstream reads paused (shared budget)", stream);
-            }
-            return Err(SendError::Full(payload));
-        }
-        let result = d.to_tunnel.push(Message { kind, payload });
-        if result.is_ok() {
-            self.budget.on_queued(len);
-        }
-        if (result.is_err() || d.to_tunnel.is_full()) && !d.reading_stopped {
-            d.reading_stopped = true;
-            d.flow = Some(Flow::Stop);
+        let (result, stopped) =
+            d.pipe
+                .queue_toward_tunnel(&mut self.budget, admitted, Message { kind, payload });
+        if stopped {
             debug!("stream {}: upstream reads paused", stream);
         }
-        result.map_err(|full| SendError::Full(full.0.payload))
+        result
     }
 
     /// The next message for the upstream socket of `stream`, oldest first. Call after
@@ -1202,10 +1178,7 @@ impl<M: PayloadBuf, const STREAMS: usize, const RING: usize> Relay<M, STREAMS, R
         if !deliverable {
             return None;
         }
-        let message = d.to_upstream.pop()?;
-        if d.is_native() {
-            d.credit.on_consumed(message.payload.len());
-        }
+        let message = d.pipe.pop_local()?;
         self.check_unblock();
         Some(message)
     }
@@ -1324,7 +1297,7 @@ impl<M: PayloadBuf, const STREAMS: usize, const RING: usize> Relay<M, STREAMS, R
     fn stream_event(&mut self, slot: Slot) -> Option<Event> {
         let entry = self.streams.at_mut(slot)?;
         let d = &mut entry.value;
-        if d.to_upstream.is_empty()
+        if d.pipe.to_local.is_empty()
             && let Some(close) = d.owe_close_upstream.take()
         {
             if d.tunnel_gone {
@@ -1337,10 +1310,10 @@ impl<M: PayloadBuf, const STREAMS: usize, const RING: usize> Relay<M, STREAMS, R
             self.settle(slot);
             return Some(event);
         }
-        if core::mem::take(&mut d.owe_readable) {
+        if core::mem::take(&mut d.pipe.owe_readable) {
             return Some(Event::DataForUpstream(entry.id().clone()));
         }
-        match d.flow.take()? {
+        match d.pipe.take_flow()? {
             Flow::Stop => Some(Event::StopReadingUpstream(entry.id().clone())),
             Flow::Resume => Some(Event::ResumeReadingUpstream(entry.id().clone())),
         }
@@ -1447,6 +1420,9 @@ impl<M: PayloadBuf, const STREAMS: usize, const RING: usize> Relay<M, STREAMS, R
             return Ok(None);
         };
         if entry.value.is_tcp() {
+            if entry.value.is_native() {
+                return self.transmit_native_tcp_control(slot, buf);
+            }
             return self.transmit_tcp_control(slot, now, unix, buf);
         }
         if entry.value.is_native() {
@@ -1485,7 +1461,7 @@ impl<M: PayloadBuf, const STREAMS: usize, const RING: usize> Relay<M, STREAMS, R
             }
             return Ok(Some(n));
         }
-        if let Some(close) = d.owe_close.as_ref().filter(|_| d.to_tunnel.is_empty()) {
+        if let Some(close) = d.owe_close.as_ref().filter(|_| d.pipe.to_tunnel.is_empty()) {
             let frame = CloseFrame {
                 code: close.code,
                 reason: close.reason.as_str(),
@@ -1516,13 +1492,13 @@ impl<M: PayloadBuf, const STREAMS: usize, const RING: usize> Relay<M, STREAMS, R
         let Some(entry) = self.streams.at(slot) else {
             return Ok(None);
         };
-        if entry.value.to_tunnel.is_empty() {
+        if entry.value.pipe.to_tunnel.is_empty() {
             return Ok(None);
         }
         if entry.value.is_native() {
             return self.transmit_native_data(slot, now, buf, owned);
         }
-        let Some(message) = entry.value.to_tunnel.front() else {
+        let Some(message) = entry.value.pipe.to_tunnel.front() else {
             return Ok(None);
         };
         let bytes = message.payload.as_bytes();
@@ -1548,32 +1524,9 @@ impl<M: PayloadBuf, const STREAMS: usize, const RING: usize> Relay<M, STREAMS, R
     /// The front message toward the tunnel of `slot` was sent: takes it out (returned) and lets
     /// the upstream be read again once the ring is below half.
     fn sent_front(&mut self, slot: Slot) -> Option<Message<M>> {
-        let d = &mut self.streams.at_mut(slot)?.value;
-        let message = d.to_tunnel.pop()?;
-        if let Some(tcp) = d.tcp_mut() {
+        let message = engine::sent_front(&mut self.streams, &mut self.budget, slot)?;
+        if let Some(tcp) = self.streams.at_mut(slot).and_then(|e| e.value.tcp_mut()) {
             tcp.bytes_sent += message.payload.len() as u64;
-        }
-        if d.budget_stopped && d.to_tunnel.is_empty() {
-            // Its own ring is empty: the shared budget admits it again (see `crate::budget`).
-            d.budget_stopped = false;
-            self.budget.on_unstopped();
-        }
-        if d.reading_stopped && !d.budget_stopped && d.to_tunnel.is_below_half() {
-            d.reading_stopped = false;
-            d.flow = Some(Flow::Resume);
-        }
-        let streams = &self.streams;
-        if self.budget.take_resume(|| toward_tunnel(streams)) {
-            for (_, entry) in self.streams.iter_mut() {
-                let d = &mut entry.value;
-                if core::mem::take(&mut d.budget_stopped)
-                    && d.reading_stopped
-                    && d.to_tunnel.is_below_half()
-                {
-                    d.reading_stopped = false;
-                    d.flow = Some(Flow::Resume);
-                }
-            }
         }
         Some(message)
     }
@@ -1601,7 +1554,7 @@ impl<M: PayloadBuf, const STREAMS: usize, const RING: usize> Relay<M, STREAMS, R
             labels: &[],
             server_specs: &[],
             features: crate::wire::Features::ALL,
-            extensions: self.config.extensions,
+            extensions: self.offered(),
             metadata: &[],
             cluster_id: info.cluster_id.as_ref().map(String::as_str),
             k8s_service_token: None,
@@ -1649,7 +1602,7 @@ impl<M: PayloadBuf, const STREAMS: usize, const RING: usize> Relay<M, STREAMS, R
         }
         if let Ok(Some(entry)) = self.streams.transition(slot, StreamState::Closed) {
             debug!("stream {}: freed", entry.id());
-            if entry.value.budget_stopped {
+            if entry.value.pipe.budget_stopped {
                 self.budget.on_unstopped();
             }
             self.recently_closed.remember(entry.id().clone());
@@ -1678,13 +1631,6 @@ impl<M: PayloadBuf, const STREAMS: usize, const RING: usize> Relay<M, STREAMS, R
             .ok()
             .and_then(|id| self.streams.find(id))
     }
-}
-
-/// Bytes queued toward the tunnel in every stream's ring.
-fn toward_tunnel<M: PayloadBuf, const STREAMS: usize, const RING: usize>(
-    streams: &StreamTable<StreamData<M, RING>, STREAMS>,
-) -> usize {
-    streams.iter().map(|(_, e)| e.value.to_tunnel.bytes()).sum()
 }
 
 /// What a start asks to dial, from a `proxy_websocket_start` or [`Relay::start_stream`].

@@ -6,7 +6,7 @@
 //! heartbeats, pings, HTTP requests, TCP tunnels, `proxy_error` replies to bad input) stays a JSON
 //! envelope. Flow control follows [`crate::credit`]: the tunnel reader is never paused.
 
-use crate::credit::{Credit, INTERACTIVE_MAX};
+use crate::engine;
 use crate::table::{Slot, StreamState};
 use crate::time::Instant;
 use crate::wire::native::{self, DataKind, FrameKind, NativeError, NativeFrame};
@@ -47,7 +47,11 @@ impl<M: PayloadBuf, const STREAMS: usize, const RING: usize> Relay<M, STREAMS, R
                 let Some(slot) = self.find_wire(stream) else {
                     return self.unknown_wire(stream);
                 };
-                self.close_requested(now, slot, Some(Close::new(code, reason)));
+                if self.streams.at(slot).is_some_and(|e| e.value.is_tcp()) {
+                    self.tcp_closed_by_tunnel(now, slot, reason);
+                } else {
+                    self.close_requested(now, slot, Some(Close::new(code, reason)));
+                }
                 Ok(Handled::Consumed)
             }
             NativeFrame::Credit {
@@ -59,7 +63,7 @@ impl<M: PayloadBuf, const STREAMS: usize, const RING: usize> Relay<M, STREAMS, R
                     return self.unknown_wire(stream);
                 };
                 if let Some(entry) = self.streams.at_mut(slot)
-                    && let Some(blocked) = entry.value.credit.on_grant(now, bytes, messages)
+                    && let Some(blocked) = entry.value.pipe.credit.on_grant(now, bytes, messages)
                 {
                     self.stats.credit_blocked_micros += blocked.as_micros();
                 }
@@ -120,13 +124,21 @@ impl<M: PayloadBuf, const STREAMS: usize, const RING: usize> Relay<M, STREAMS, R
         };
         if let Some(entry) = self.streams.at_mut(slot)
             && entry.state() != StreamState::Closing
-            && let Err(e) = entry.value.credit.on_received(len)
+            && let Err(e) = entry.value.pipe.credit.on_received(len)
         {
             let id = entry.id().clone();
-            self.close_from_tunnel(now, slot, Close::new(1008, "flow control violated"));
+            if entry.value.is_tcp() {
+                self.abort_tunnel(now, slot, "flow control violated");
+            } else {
+                self.close_from_tunnel(now, slot, Close::new(1008, "flow control violated"));
+            }
             return Err(self.reject_stream(&id, TunnelError::Credit(e)));
         }
-        self.push_upstream_with(now, slot, kind.into(), len, make)
+        let handled = self.push_upstream_with(now, slot, kind.into(), len, make)?;
+        if let Some(tcp) = self.streams.at_mut(slot).and_then(|e| e.value.tcp_mut()) {
+            tcp.bytes_received += len as u64;
+        }
+        Ok(handled)
     }
 
     fn on_native_start<'a>(
@@ -160,8 +172,7 @@ impl<M: PayloadBuf, const STREAMS: usize, const RING: usize> Relay<M, STREAMS, R
         if let Some(slot) = self.streams.find(request.stream.as_str())
             && let Some(entry) = self.streams.at_mut(slot)
         {
-            entry.value.wire = wire;
-            entry.value.credit = Credit::new(RING, self.config.ring_bytes);
+            entry.value.pipe.go_native(wire, self.config.ring_bytes);
         }
         Ok(Handled::Start(request))
     }
@@ -197,7 +208,7 @@ impl<M: PayloadBuf, const STREAMS: usize, const RING: usize> Relay<M, STREAMS, R
     pub(super) fn find_wire(&self, wire: u32) -> Option<Slot> {
         self.streams
             .iter()
-            .find(|(_, e)| e.value.wire == wire)
+            .find(|(_, e)| e.value.pipe.wire == wire)
             .map(|(slot, _)| slot)
     }
 
@@ -207,24 +218,16 @@ impl<M: PayloadBuf, const STREAMS: usize, const RING: usize> Relay<M, STREAMS, R
         slot: Slot,
         buf: &mut [u8],
     ) -> Result<Option<usize>, TransmitError> {
-        let Some(entry) = self.streams.at(slot) else {
+        let Some(entry) = self.streams.at_mut(slot) else {
             return Ok(None);
         };
-        let d = &entry.value;
-        let wire = d.wire;
-        let upstream_open = d.upstream_alive && entry.state() != StreamState::Closing;
-        let frame = if let Some(grant) = d.credit.grant_due().filter(|_| upstream_open) {
-            let n = NativeFrame::Credit {
-                stream: wire,
-                bytes: grant.bytes,
-                messages: grant.messages,
-            }
-            .encode(buf)?;
-            if let Some(e) = self.streams.at_mut(slot) {
-                e.value.credit.on_granted(grant);
-            }
+        let upstream_open = entry.value.upstream_alive && entry.state() != StreamState::Closing;
+        if let Some(n) = entry.value.pipe.take_grant(upstream_open, buf)? {
             return Ok(Some(n));
-        } else if d.owe_started {
+        }
+        let d = &entry.value;
+        let wire = d.pipe.wire;
+        let frame = if d.owe_started {
             NativeFrame::Started {
                 stream: wire,
                 subprotocol: d.subprotocol(),
@@ -235,7 +238,7 @@ impl<M: PayloadBuf, const STREAMS: usize, const RING: usize> Relay<M, STREAMS, R
                 status: Some(failure.status),
                 message: failure.message.as_str(),
             }
-        } else if let Some(close) = d.owe_close.as_ref().filter(|_| d.to_tunnel.is_empty()) {
+        } else if let Some(close) = d.owe_close.as_ref().filter(|_| d.pipe.to_tunnel.is_empty()) {
             NativeFrame::Close {
                 stream: wire,
                 code: close.code,
@@ -269,46 +272,28 @@ impl<M: PayloadBuf, const STREAMS: usize, const RING: usize> Relay<M, STREAMS, R
         buf: &mut [u8],
         owned: bool,
     ) -> Result<Option<Transmit<M>>, TransmitError> {
-        let Some(entry) = self.streams.at_mut(slot) else {
-            return Ok(None);
-        };
-        let d = &mut entry.value;
-        if !d.credit.can_send() {
-            if d.credit.mark_blocked(now) {
-                self.stats.credit_stalls += 1;
+        let sent = engine::transmit_native_data(
+            &mut self.streams,
+            &mut self.budget,
+            slot,
+            now,
+            buf,
+            owned,
+            &mut self.stats.credit_stalls,
+        )?;
+        Ok(sent.map(|sent| {
+            if let Some(tcp) = self.streams.at_mut(slot).and_then(|e| e.value.tcp_mut()) {
+                tcp.bytes_sent += sent.len as u64;
             }
-            return Ok(None);
-        }
-        let Some(message) = d.to_tunnel.front() else {
-            return Ok(None);
-        };
-        let payload = message.payload.as_bytes();
-        let header = native::data_header(d.wire, message.kind.into());
-        let len = payload.len();
-        if owned {
-            d.credit.on_sent(len);
-            let Some(message) = self.sent_front(slot) else {
-                return Ok(None);
-            };
-            let payload = message.payload;
-            return Ok(Some(Transmit::Data { header, payload }));
-        }
-        let n = native::encode_data_header(buf, d.wire, message.kind.into(), len)?;
-        buf[native::HEADER_LEN..n].copy_from_slice(payload);
-        d.credit.on_sent(len);
-        let _ = self.sent_front(slot);
-        Ok(Some(Transmit::Encoded(n)))
+            sent.transmit
+        }))
     }
 
     /// Whether the front message toward the tunnel of `slot` is small enough to go ahead of bulk
     /// data (and may be sent now).
     pub(super) fn is_interactive(&self, slot: Slot) -> bool {
-        self.streams.at(slot).is_some_and(|e| {
-            let d = &e.value;
-            d.to_tunnel
-                .front()
-                .is_some_and(|m| m.payload.len() <= INTERACTIVE_MAX)
-                && (!d.is_native() || d.credit.can_send())
-        })
+        self.streams
+            .at(slot)
+            .is_some_and(|e| e.value.pipe.front_is_interactive())
     }
 }

@@ -2,14 +2,13 @@
 
 use heapless::String;
 
-use crate::credit::Credit;
-use crate::ring::{Payload, Ring};
+use crate::engine::{Carries, Pipe};
+use crate::ring::Payload;
 use crate::time::Instant;
 
-use super::event::{Close, MAX_FAILURE_MESSAGE, MAX_SUBPROTOCOL, Message};
+use super::event::{Close, MAX_FAILURE_MESSAGE, MAX_SUBPROTOCOL};
 use super::tcp::TcpData;
 
-pub(crate) use crate::flow::Flow;
 
 /// Upstream refusal to report as `proxy_error`.
 #[derive(Clone, Debug)]
@@ -30,25 +29,25 @@ pub(crate) enum Kind {
     Tcp(TcpData),
 }
 
-/// Everything the relay keeps for one stream besides its id and lifecycle state.
+/// Everything the relay keeps for one stream besides its id and lifecycle state: its data path
+/// ([`Pipe`]: toward the tunnel is what the upstream sent, the local end is the upstream) and
+/// what the agent role still owes each side.
 ///
 /// Size: two rings (`2 * (RING * size_of::<Message<M>>() + 32)` bytes) plus about 420 bytes of
 /// fixed-size strings for the subprotocol, a failure message and two close reasons.
 #[derive(Debug)]
 pub(crate) struct StreamData<M, const RING: usize> {
-    /// Control plane -> upstream messages, popped by the adapter.
-    pub(crate) to_upstream: Ring<Message<M>, RING>,
-    /// Upstream -> control plane messages, drained by `poll_transmit`.
-    pub(crate) to_tunnel: Ring<Message<M>, RING>,
+    /// The rings, credit and read state shared with the control-plane role.
+    pub(crate) pipe: Pipe<M, RING>,
     /// WebSocket stream (with its negotiated subprotocol) or raw TCP tunnel.
     pub(crate) kind: Kind,
     /// A start acknowledgement is owed to the control plane.
     pub(crate) owe_started: bool,
     /// A `proxy_error` for a refused dial is owed to the control plane.
     pub(crate) owe_failed: Option<Failure>,
-    /// A close is owed to the control plane, after `to_tunnel` drains.
+    /// A close is owed to the control plane, after the ring toward the tunnel drains.
     pub(crate) owe_close: Option<Close>,
-    /// A `CloseUpstream` event is owed to the adapter, after `to_upstream` drains.
+    /// A `CloseUpstream` event is owed to the adapter, after the ring toward it drains.
     pub(crate) owe_close_upstream: Option<Close>,
     /// The adapter holds (or is dialling) an upstream connection it has not reported closed.
     pub(crate) upstream_alive: bool,
@@ -56,27 +55,23 @@ pub(crate) struct StreamData<M, const RING: usize> {
     pub(crate) tunnel_closed: bool,
     /// The tunnel this stream belonged to is gone: nothing more is sent for it.
     pub(crate) tunnel_gone: bool,
-    /// An `DataForUpstream` event is owed.
-    pub(crate) owe_readable: bool,
-    /// The adapter was told to stop reading the upstream.
-    pub(crate) reading_stopped: bool,
-    /// A pending stop/resume-reading notice for the adapter.
-    pub(crate) flow: Option<Flow>,
     /// Dial deadline while opening; close deadline while waiting for the upstream to close.
     pub(crate) deadline: Option<Instant>,
-    /// The stream's number on the tunnel in native mode; 0 for a compat stream.
-    pub(crate) wire: u32,
-    /// Credit windows (native mode only).
-    pub(crate) credit: Credit,
-    /// Reading the upstream was stopped by the shared budget ([`crate::budget`]).
-    pub(crate) budget_stopped: bool,
+}
+
+impl<M, const RING: usize> Carries<M, RING> for StreamData<M, RING> {
+    fn pipe(&self) -> &Pipe<M, RING> {
+        &self.pipe
+    }
+    fn pipe_mut(&mut self) -> &mut Pipe<M, RING> {
+        &mut self.pipe
+    }
 }
 
 impl<M: Payload, const RING: usize> StreamData<M, RING> {
     pub(crate) const fn new(ring_bytes: usize, dial_deadline: Instant) -> Self {
         Self {
-            to_upstream: Ring::new(ring_bytes),
-            to_tunnel: Ring::new(ring_bytes),
+            pipe: Pipe::new(ring_bytes),
             kind: Kind::WebSocket {
                 subprotocol: String::new(),
             },
@@ -87,19 +82,13 @@ impl<M: Payload, const RING: usize> StreamData<M, RING> {
             upstream_alive: true,
             tunnel_closed: false,
             tunnel_gone: false,
-            owe_readable: false,
-            reading_stopped: false,
-            flow: None,
             deadline: Some(dial_deadline),
-            wire: 0,
-            credit: Credit::ZERO,
-            budget_stopped: false,
         }
     }
 
     /// Whether the stream speaks the native wire mode.
     pub(crate) const fn is_native(&self) -> bool {
-        self.wire != 0
+        self.pipe.is_native()
     }
 
     /// Whether this is a raw TCP tunnel.
@@ -130,6 +119,6 @@ impl<M: Payload, const RING: usize> StreamData<M, RING> {
             && self.owe_close.is_none()
             && self.owe_close_upstream.is_none()
             && !self.upstream_alive
-            && self.to_tunnel.is_empty()
+            && self.pipe.to_tunnel.is_empty()
     }
 }

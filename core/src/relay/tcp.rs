@@ -49,6 +49,7 @@ use heapless::String;
 use crate::stream_id::StreamId;
 use crate::table::{InsertError, Slot, StreamState};
 use crate::time::Instant;
+use crate::wire::native::NativeFrame;
 use crate::wire::{
     Base64Str, DecodeError, Envelope, FrameError, JsonStr, Outbound, TcpTunnelClose,
     TcpTunnelStart, UnixTime, WireStr,
@@ -171,7 +172,19 @@ impl<M: PayloadBuf, const STREAMS: usize, const RING: usize> Relay<M, STREAMS, R
             Ok(target) => target,
             Err(error) => return Err(self.refuse_tunnel(&id, error)),
         };
+        let ext = self.session.extensions;
+        let wire = start.stream.filter(|_| ext.native && ext.native_tcp);
+        if let Some(wire) = wire {
+            if wire == 0 || self.find_wire(wire).is_some() {
+                // Never touch the live stream that has this number.
+                return Err(self.reject_stream(&id, TunnelError::DuplicateStream));
+            }
+            self.session.highest_wire = self.session.highest_wire.max(wire);
+        }
         let mut data = StreamData::new(self.config.ring_bytes, now + self.config.dial_timeout);
+        if let Some(wire) = wire {
+            data.pipe.go_native(wire, self.config.ring_bytes);
+        }
         data.kind = Kind::Tcp(TcpData {
             opened: now,
             bytes_sent: 0,
@@ -283,7 +296,7 @@ impl<M: PayloadBuf, const STREAMS: usize, const RING: usize> Relay<M, STREAMS, R
         }
         let piece = M::max_len().max(1);
         let pieces = len.div_ceil(piece);
-        let ring = &entry.value.to_upstream;
+        let ring = &entry.value.pipe.to_local;
         let budget = ring.byte_budget();
         if pieces > ring.capacity() || (pieces > 1 && len > budget) {
             // Can never be admitted: refusing it would wedge the tunnel reader for good.
@@ -318,7 +331,7 @@ impl<M: PayloadBuf, const STREAMS: usize, const RING: usize> Relay<M, STREAMS, R
                     kind: MessageKind::Binary,
                     payload,
                 };
-                d.to_upstream.push(message).is_ok()
+                d.pipe.to_local.push(message).is_ok()
             });
             if !pushed {
                 // Unreachable: admission of every piece was checked above.
@@ -330,7 +343,7 @@ impl<M: PayloadBuf, const STREAMS: usize, const RING: usize> Relay<M, STREAMS, R
             tcp.bytes_received += len as u64;
         }
         if was_empty && entry.state() == StreamState::Open {
-            entry.value.owe_readable = true;
+            entry.value.pipe.owe_readable = true;
         }
         Ok(Handled::Consumed)
     }
@@ -356,9 +369,15 @@ impl<M: PayloadBuf, const STREAMS: usize, const RING: usize> Relay<M, STREAMS, R
             return Err(self.reject(Some(raw_id), true, TunnelError::UnknownStream));
         };
         let reason: String<64> = reason.map(|r| truncated(r.chars())).unwrap_or_default();
-        self.close_from_tunnel(now, slot, Close::new(1000, reason.as_str()));
-        self.tunnel_done(slot);
+        self.tcp_closed_by_tunnel(now, slot, reason.as_str());
         Ok(Handled::Consumed)
+    }
+
+    /// The control plane closed the tunnel at `slot` (`tcp_tunnel_close`, or a native close
+    /// frame): the socket gets every byte sent before, then is closed; nothing more is sent.
+    pub(super) fn tcp_closed_by_tunnel(&mut self, now: Instant, slot: Slot, reason: &str) {
+        self.close_from_tunnel(now, slot, Close::new(1000, reason));
+        self.tunnel_done(slot);
     }
 
     /// The control plane is done with the tunnel at `slot`: nothing more goes to it.
@@ -370,11 +389,11 @@ impl<M: PayloadBuf, const STREAMS: usize, const RING: usize> Relay<M, STREAMS, R
         d.tunnel_closed = true;
         d.owe_failed = None;
         d.owe_close = None;
-        let discarded = d.to_tunnel.clear().0;
+        let discarded = d.pipe.to_tunnel.clear().0;
         self.stats.discarded_messages += discarded as u64;
-        if d.reading_stopped {
-            d.reading_stopped = false;
-            d.flow = None;
+        if d.pipe.reading_stopped {
+            d.pipe.reading_stopped = false;
+            d.pipe.flow = None;
         }
         self.settle(slot);
     }
@@ -390,15 +409,15 @@ impl<M: PayloadBuf, const STREAMS: usize, const RING: usize> Relay<M, STREAMS, R
         }
         warn!("tunnel {}: closed: {}", entry.id(), error);
         let d = &mut entry.value;
-        let discarded = d.to_tunnel.clear().0;
+        let discarded = d.pipe.to_tunnel.clear().0;
         self.stats.discarded_messages += discarded as u64;
         if let Some(tcp) = d.tcp_mut() {
             tcp.reason = Reason::ProtocolError;
         }
         d.tunnel_closed = true;
         d.owe_close = Some(Close::new(1002, error));
-        d.reading_stopped = false;
-        d.flow = None;
+        d.pipe.reading_stopped = false;
+        d.pipe.flow = None;
         self.close_from_tunnel(now, slot, Close::new(1002, "protocol error"));
     }
 
@@ -470,7 +489,7 @@ impl<M: PayloadBuf, const STREAMS: usize, const RING: usize> Relay<M, STREAMS, R
                 duration_ms,
                 error: Some(failure.message.as_str()),
             }
-        } else if let Some(close) = d.owe_close.as_ref().filter(|_| d.to_tunnel.is_empty()) {
+        } else if let Some(close) = d.owe_close.as_ref().filter(|_| d.pipe.to_tunnel.is_empty()) {
             TcpTunnelClose {
                 reason: tcp.reason.as_str(),
                 bytes_sent: Some(tcp.bytes_sent),
@@ -482,6 +501,65 @@ impl<M: PayloadBuf, const STREAMS: usize, const RING: usize> Relay<M, STREAMS, R
             return Ok(None);
         };
         let n = Outbound::TcpTunnelClose(close).encode(Some(id), unix, buf)?;
+        if let Some(e) = self.streams.at_mut(slot) {
+            e.value.owe_failed = None;
+            e.value.owe_close = None;
+        }
+        self.settle(slot);
+        Ok(Some(n))
+    }
+}
+
+impl<M: PayloadBuf, const STREAMS: usize, const RING: usize> Relay<M, STREAMS, RING> {
+    /// The native frame owed for tunnel `slot` on a `native_tcp` session, if any: credit while
+    /// the socket takes bytes, else the close. A failed dial and every close are one native
+    /// `close` frame: code 1000 for `service_closed`, 1002 for `protocol_error`, 1011 otherwise,
+    /// the reason being the compat `reason`, then `: error` when there is one (what the control
+    /// plane makes of a compat `tcp_tunnel_close`).
+    pub(super) fn transmit_native_tcp_control(
+        &mut self,
+        slot: Slot,
+        buf: &mut [u8],
+    ) -> Result<Option<usize>, TransmitError> {
+        let Some(entry) = self.streams.at_mut(slot) else {
+            return Ok(None);
+        };
+        let open = entry.value.upstream_alive && entry.state() != StreamState::Closing;
+        if let Some(n) = entry.value.pipe.take_grant(open, buf)? {
+            return Ok(Some(n));
+        }
+        let d = &entry.value;
+        let Kind::Tcp(tcp) = &d.kind else {
+            return Ok(None);
+        };
+        let (reason, error) = if let Some(failure) = &d.owe_failed {
+            (Reason::ConnectionFailed, failure.message.as_str())
+        } else if let Some(close) = d.owe_close.as_ref().filter(|_| d.pipe.to_tunnel.is_empty()) {
+            (tcp.reason, close.reason.as_str())
+        } else {
+            return Ok(None);
+        };
+        let code = match reason {
+            Reason::Closed(TcpCloseReason::ServiceClosed) => 1000,
+            Reason::ProtocolError => 1002,
+            _ => 1011,
+        };
+        let mut text = String::<{ crate::wire::native::MAX_CLOSE_REASON }>::new();
+        let _ = text.push_str(reason.as_str());
+        if !error.is_empty() {
+            let _ = text.push_str(": ");
+            for c in error.chars() {
+                if text.push(c).is_err() {
+                    break;
+                }
+            }
+        }
+        let n = NativeFrame::Close {
+            stream: d.pipe.wire,
+            code,
+            reason: text.as_str(),
+        }
+        .encode(buf)?;
         if let Some(e) = self.streams.at_mut(slot) {
             e.value.owe_failed = None;
             e.value.owe_close = None;

@@ -291,6 +291,7 @@ fn exec_sequence_start_started_data_close() {
         h.relay.extensions(),
         Extensions {
             native: false,
+            native_tcp: false,
             ..Extensions::ALL
         }
     );
@@ -875,6 +876,7 @@ fn timers_ping_heartbeat_read_deadline() {
             cluster_id: truncated("c-42".chars()),
             extensions: Extensions {
                 native: false,
+                native_tcp: false,
                 ..Extensions::ALL
             }
         }]

@@ -356,6 +356,8 @@ pub enum ControlMessage<'a> {
         service_port: u16,
         /// `client_addr`: who connected on the control plane's side, for the agent's logs.
         client_addr: Option<WireStr<'a>>,
+        /// `stream` (extension `native_tcp`): the native stream number the tunnel's frames use.
+        stream: Option<u32>,
     },
     /// `tcp_tunnel_data` `{tunnel_id, data}`.
     TcpTunnelData {
@@ -481,11 +483,15 @@ impl ControlMessage<'_> {
                 service_name,
                 service_port,
                 client_addr,
+                stream,
             } => {
                 p.wire_str("tunnel_id", tunnel_id);
                 p.opt_wire_str("service_name", service_name);
                 p.u64("service_port", service_port.into());
                 p.opt_wire_str("client_addr", client_addr);
+                if let Some(stream) = stream {
+                    p.u64("stream", stream.into());
+                }
             }
             Self::TcpTunnelData { tunnel_id, data } => {
                 p.wire_str("tunnel_id", tunnel_id);

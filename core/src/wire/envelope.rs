@@ -93,7 +93,7 @@ impl<'a> Envelope<'a> {
 /// (control plane to agent) and of `register` (agent to control plane):
 ///
 /// ```json
-/// "extensions": {"websocket_started": true, "websocket_close_code": true, "proxy_error_status": true, "native_frames": true, "raw_upgrade": true, "response_credit": true}
+/// "extensions": {"websocket_started": true, "websocket_close_code": true, "proxy_error_status": true, "native_frames": true, "raw_upgrade": true, "response_credit": true, "native_tcp": true}
 /// ```
 ///
 /// A missing object or member means "not supported" (a PipeOps peer sends none). Unknown
@@ -120,6 +120,10 @@ pub struct Extensions {
     /// only within credit the control plane grants (`proxy_response_credit`), so a client that
     /// stops reading holds only its own request. Member `"response_credit"`.
     pub response_credit: bool,
+    /// On a native tunnel, `tcp_tunnel_start` may carry `stream` (a native stream number): the
+    /// tunnel's bytes, credit and close then travel as native frames instead of base64 JSON.
+    /// Member `"native_tcp"`.
+    pub native_tcp: bool,
 }
 
 impl Extensions {
@@ -131,6 +135,7 @@ impl Extensions {
         native: false,
         raw_upgrade: false,
         response_credit: false,
+        native_tcp: false,
     };
     /// Every extension this version knows.
     pub const ALL: Self = Self {
@@ -140,6 +145,7 @@ impl Extensions {
         native: true,
         raw_upgrade: true,
         response_credit: true,
+        native_tcp: true,
     };
 
     /// The extensions both `self` and `other` offer: what a tunnel uses once registered.
@@ -152,6 +158,7 @@ impl Extensions {
             native: self.native && other.native,
             raw_upgrade: self.raw_upgrade && other.raw_upgrade,
             response_credit: self.response_credit && other.response_credit,
+            native_tcp: self.native_tcp && other.native_tcp,
         }
     }
 
@@ -161,13 +168,14 @@ impl Extensions {
         let Some(obj) = opt_object(payload.get(F), F)? else {
             return Ok(Self::NONE);
         };
-        let [a, b, c, d, e, f] = obj.fields([
+        let [a, b, c, d, e, f, g] = obj.fields([
             "websocket_started",
             "websocket_close_code",
             "proxy_error_status",
             "native_frames",
             "raw_upgrade",
             "response_credit",
+            "native_tcp",
         ]);
         Ok(Self {
             websocket_started: opt_bool(a, F)?,
@@ -176,6 +184,7 @@ impl Extensions {
             native: opt_bool(d, F)?,
             raw_upgrade: opt_bool(e, F)?,
             response_credit: opt_bool(f, F)?,
+            native_tcp: opt_bool(g, F)?,
         })
     }
 }
@@ -247,6 +256,16 @@ pub(crate) fn opt_u64(
 ) -> Result<Option<u64>, DecodeError> {
     opt_number(v, name)?
         .map(|n| n.as_u64().ok_or(DecodeError::InvalidValue(name)))
+        .transpose()
+}
+
+/// An optional `u32`.
+pub(crate) fn opt_u32(
+    v: Option<JsonValue<'_>>,
+    name: &'static str,
+) -> Result<Option<u32>, DecodeError> {
+    opt_u64(v, name)?
+        .map(|n| u32::try_from(n).map_err(|_| DecodeError::InvalidValue(name)))
         .transpose()
 }
 

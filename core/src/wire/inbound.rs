@@ -8,7 +8,7 @@
 
 use crate::wire::b64::Base64Str;
 use crate::wire::envelope::{
-    Envelope, Extensions, opt_bool, opt_number, opt_object, opt_str, opt_u16, opt_u64, req_str,
+    Envelope, Extensions, opt_bool, opt_number, opt_object, opt_str, opt_u16, opt_u32, opt_u64, req_str,
 };
 use crate::wire::error::DecodeError;
 use crate::wire::headers::Headers;
@@ -313,6 +313,8 @@ pub struct TcpTunnelStart<'a> {
     pub service_port: Option<u16>,
     /// `client_addr`.
     pub client_addr: Option<JsonStr<'a>>,
+    /// `stream` (extension `native_tcp`): the native stream number of the tunnel's frames.
+    pub stream: Option<u32>,
 }
 
 /// `udp_tunnel_data` payload.
@@ -752,6 +754,7 @@ fn tcp_tunnel_start(p: JsonObject<'_>) -> Result<TcpTunnelStart<'_>, DecodeError
         service_namespace,
         service_port,
         client_addr,
+        stream,
     ] = p.fields([
         "tunnel_id",
         "gateway_name",
@@ -761,6 +764,7 @@ fn tcp_tunnel_start(p: JsonObject<'_>) -> Result<TcpTunnelStart<'_>, DecodeError
         "service_namespace",
         "service_port",
         "client_addr",
+        "stream",
     ]);
     Ok(TcpTunnelStart {
         tunnel_id: opt_str(tunnel_id, "tunnel_id")?,
@@ -771,6 +775,7 @@ fn tcp_tunnel_start(p: JsonObject<'_>) -> Result<TcpTunnelStart<'_>, DecodeError
         service_namespace: opt_str(service_namespace, "service_namespace")?,
         service_port: opt_u16(service_port, "service_port")?,
         client_addr: opt_str(client_addr, "client_addr")?,
+        stream: opt_u32(stream, "stream")?,
     })
 }
 

@@ -416,6 +416,7 @@ fn golden_tcp_tunnel_control_messages() {
             service_name: Some("db.local".into()),
             service_port: 5432,
             client_addr: Some("127.0.0.1:50000".into()),
+            stream: None,
         },
         "t1",
         r#"{"tunnel_id":"t1","service_name":"db.local","service_port":5432,"client_addr":"127.0.0.1:50000"}"#,
@@ -426,9 +427,21 @@ fn golden_tcp_tunnel_control_messages() {
             service_name: None,
             service_port: 80,
             client_addr: None,
+            stream: None,
         },
         "t2",
         r#"{"tunnel_id":"t2","service_port":80}"#,
+    );
+    control_golden(
+        &ControlMessage::TcpTunnelStart {
+            tunnel_id: "t3".into(),
+            service_name: None,
+            service_port: 80,
+            client_addr: None,
+            stream: Some(7),
+        },
+        "t3",
+        r#"{"tunnel_id":"t3","service_port":80,"stream":7}"#,
     );
     control_golden(
         &ControlMessage::TcpTunnelData {
@@ -468,6 +481,7 @@ fn tcp_tunnel_control_messages_decode_on_the_agent() {
             service_name: Some("db".into()),
             service_port: 5432,
             client_addr: Some("10.0.0.1:1".into()),
+            stream: Some(4_000_000_000),
         },
         "t1",
         &mut buf,
@@ -475,6 +489,7 @@ fn tcp_tunnel_control_messages_decode_on_the_agent() {
         panic!()
     };
     assert!(s.tunnel_id.unwrap() == "t1" && s.service_name.unwrap() == "db");
+    assert_eq!(s.stream, Some(4_000_000_000));
     assert_eq!(s.service_port, Some(5432));
     assert!(s.client_addr.unwrap() == "10.0.0.1:1");
     let Inbound::TcpTunnelData { tunnel_id, data } = control(

@@ -381,6 +381,7 @@ fn other_inbound_types() {
             native: false,
             raw_upgrade: false,
             response_credit: false,
+            native_tcp: false,
         }
     );
     let Inbound::RegisterSuccess(r) =
