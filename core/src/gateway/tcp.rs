@@ -54,6 +54,10 @@ pub struct TcpOpen<'a> {
     pub client_addr: Option<&'a str>,
 }
 
+/// Largest piece of a TCP stream sent as one compat `tcp_tunnel_data`: what the smallest agent
+/// takes whole (the microcontroller gateway's relay holds 8 slots of 512 bytes per stream).
+pub const COMPAT_TCP_PIECE: usize = 4 * 1024;
+
 /// Whether the agent's relay accepts `host` as a dial target (its own rule, see
 /// [`crate::relay::TcpTunnelRequest::host`]).
 fn valid_host(host: &str) -> bool {
@@ -112,6 +116,20 @@ impl<M: PayloadBuf, const STREAMS: usize, const RING: usize> Gateway<M, STREAMS,
         self.stats.streams_opened += 1;
         info!("tunnel {}: start tcp {}:{}", req.id, req.host, req.port);
         Ok(())
+    }
+
+    /// The largest message [`handle_client_message`](Gateway::handle_client_message) should be
+    /// given for a TCP stream on this tunnel: [`Config::max_message`](super::Config::max_message)
+    /// when its bytes travel as native frames (extension `native_tcp`: the agent offered it
+    /// because it takes such frames whole), [`COMPAT_TCP_PIECE`] otherwise.
+    #[must_use]
+    pub fn tcp_piece_len(&self) -> usize {
+        let ext = self.session.extensions;
+        if ext.native && ext.native_tcp {
+            self.config.max_message
+        } else {
+            COMPAT_TCP_PIECE
+        }
     }
 
     /// `tcp_tunnel_data` from the agent.

@@ -27,10 +27,6 @@ use super::link::{CLIENT_WINDOW, Cmd, Link, OpenTcp, Shared, StreamGuard, ToClie
 use crate::agent::metrics::StreamKind;
 use crate::buf::Buf;
 
-/// Bytes read from a forwarded socket per tunnel message. Small enough for the smallest agent
-/// (the microcontroller gateway's relay takes at most 8 slots of 512 bytes per message).
-pub(crate) const READ_CHUNK: usize = 4 * 1024;
-
 /// One `--forward LISTEN=CLUSTER:HOST:PORT`.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct Forward {
@@ -185,12 +181,18 @@ async fn carry(tcp: TcpStream, peer: SocketAddr, fwd: Arc<Forward>, state: Arc<S
     let reader_cmd = cmd.clone();
     let reader_shared = shared.clone();
     // Socket -> tunnel.
+    // Bytes per tunnel message: what the agent takes whole (see `Gateway::tcp_piece_len`), at
+    // most one byte-pipe read.
+    let read_len = shared
+        .tcp_read
+        .load(Ordering::Relaxed)
+        .min(crate::byte_pipe::READ_CHUNK);
     let reader = async move {
         loop {
             let Ok(permit) = reader_shared.to_agent.acquire().await else {
                 return ReadEnd::Tunnel;
             };
-            let mut buf = BytesMut::with_capacity(READ_CHUNK);
+            let mut buf = BytesMut::with_capacity(read_len);
             match r.read_buf(&mut buf).await {
                 Ok(0) => return ReadEnd::Client(Close::new(1000, "")),
                 Ok(_) => {}

@@ -23,6 +23,9 @@ pub(crate) struct Shared {
     pub(crate) to_client_inflight: AtomicUsize,
     /// One permit per client message the tunnel task may hold; returned when the gateway takes it.
     pub(crate) to_agent: Semaphore,
+    /// Most bytes one read of a forwarded TCP socket may take: set by the tunnel task when it
+    /// opens the stream ([`Gateway::tcp_piece_len`](tether_core::gateway::Gateway::tcp_piece_len)).
+    pub(crate) tcp_read: AtomicUsize,
 }
 
 impl Shared {
@@ -30,6 +33,7 @@ impl Shared {
         Arc::new(Self {
             to_client_inflight: AtomicUsize::new(0),
             to_agent: Semaphore::new(CLIENT_WINDOW),
+            tcp_read: AtomicUsize::new(tether_core::gateway::tcp::COMPAT_TCP_PIECE),
         })
     }
 }

@@ -741,6 +741,8 @@ impl Tunnel {
         match self.gw.open_tcp(now, Self::unix(), &req, &mut self.scratch) {
             Ok(()) => {
                 tracing::info!(cluster = %self.cluster, tunnel = %open.id, client = %open.client_addr, target = %format!("{}:{}", open.host, open.port), "tcp forward opened");
+                let piece = self.gw.tcp_piece_len();
+                open.link.shared.tcp_read.store(piece, Ordering::Relaxed);
                 self.links.insert(open.id, LinkState::new(open.link));
             }
             Err(e) => {
