@@ -22,6 +22,8 @@ use core::fmt;
 
 use crate::time::{Duration, Instant};
 
+pub use crate::engine::AckError;
+
 /// Messages at most this long go ahead of bulk data on the tunnel (both modes): tty input,
 /// terminal resizes, small round trips. Streams share the tunnel round-robin within each class.
 pub const INTERACTIVE_MAX: usize = 1024;

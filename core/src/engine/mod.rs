@@ -19,10 +19,14 @@
 //! *toward the local end* is what came out of the tunnel.
 
 mod pipe;
+mod window;
 
 pub(crate) use pipe::{Pipe, PushRefused};
+pub use window::AckError;
+pub(crate) use window::Window;
 
 use crate::budget::Budget;
+use crate::credit::INTERACTIVE_MAX;
 use crate::flow::Flow;
 use crate::relay::{Message, PayloadBuf, Transmit, TransmitError};
 use crate::table::{Slot, StreamTable};
@@ -104,6 +108,22 @@ where
     Some(message)
 }
 
+/// Encodes the ack owed to the peer, if one is due (see [`Window`]).
+///
+/// # Errors
+/// [`TransmitError::BufferTooSmall`]; nothing sent.
+pub(crate) fn transmit_ack(
+    window: &mut Window,
+    buf: &mut [u8],
+) -> Result<Option<usize>, TransmitError> {
+    let Some(received) = window.ack_due() else {
+        return Ok(None);
+    };
+    let n = native::NativeFrame::Ack { received }.encode(buf)?;
+    window.on_ack_sent(received);
+    Ok(Some(n))
+}
+
 /// What [`transmit_native_data`] sent.
 pub(crate) struct NativeSent<M> {
     pub(crate) transmit: Transmit<M>,
@@ -111,9 +131,10 @@ pub(crate) struct NativeSent<M> {
     pub(crate) len: usize,
 }
 
-/// Sends the front data message of native stream `slot` if it holds credit (copied into `buf`
-/// after its header, or handed out whole when `owned`); otherwise starts its blocked clock,
-/// counts a stall in `stalls` when one begins, and sends nothing.
+/// Sends the front data message of native stream `slot` if it holds credit and, for a bulk
+/// message, the tunnel's [`Window`] lets it go (copied into `buf` after its header, or handed
+/// out whole when `owned`); without credit it starts its blocked clock, counts a stall in
+/// `stalls` when one begins, and sends nothing.
 ///
 /// # Errors
 /// [`TransmitError::BufferTooSmall`] when a copied message does not fit `buf`; nothing sent.
@@ -121,6 +142,7 @@ pub(crate) struct NativeSent<M> {
 pub(crate) fn transmit_native_data<D, M, const STREAMS: usize, const RING: usize>(
     streams: &mut StreamTable<D, STREAMS>,
     budget: &mut Budget,
+    window: &mut Window,
     slot: Slot,
     now: Instant,
     buf: &mut [u8],
@@ -146,6 +168,9 @@ where
     };
     let kind = message.kind.into();
     let len = message.payload.len();
+    if len > INTERACTIVE_MAX && !window.allows_bulk(len) {
+        return Ok(None);
+    }
     let transmit = if owned {
         let header = native::data_header(p.wire, kind);
         p.credit.on_sent(len);
@@ -163,5 +188,6 @@ where
         let _ = sent_front(streams, budget, slot);
         Transmit::Encoded(n)
     };
+    window.on_sent(now, len);
     Ok(Some(NativeSent { transmit, len }))
 }

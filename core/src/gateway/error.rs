@@ -1,6 +1,6 @@
 //! Errors of the gateway's input calls: one small `Copy` enum per operation.
 
-use crate::credit::CreditError;
+use crate::credit::{AckError, CreditError};
 use crate::wire::native::{FrameKind, NativeError};
 use core::fmt;
 
@@ -59,6 +59,9 @@ pub enum TunnelError {
     /// Data arrived for a stream whose sender had no credit left (native mode): the stream is
     /// closed with 1008, others are untouched.
     Credit(CreditError),
+    /// A native ack reported bytes that were never sent (or fewer than before): the peer is
+    /// broken; the ack is ignored, every stream goes on.
+    Ack(AckError),
 }
 
 impl fmt::Display for TunnelError {
@@ -87,6 +90,7 @@ impl fmt::Display for TunnelError {
                 write!(f, "native {kind} frame is not sent to a control plane")
             }
             Self::Credit(e) => fmt::Display::fmt(e, f),
+            Self::Ack(e) => fmt::Display::fmt(e, f),
         }
     }
 }
@@ -98,6 +102,7 @@ impl core::error::Error for TunnelError {
             Self::Frame(e) => Some(e),
             Self::Native(e) => Some(e),
             Self::Credit(e) => Some(e),
+            Self::Ack(e) => Some(e),
             _ => None,
         }
     }

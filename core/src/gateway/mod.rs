@@ -124,7 +124,7 @@ pub use stream::StreamKind;
 pub use tcp::TcpOpen;
 
 use headers::Forwarded;
-use crate::engine::{self, PushRefused};
+use crate::engine::{self, PushRefused, Window};
 use crate::flow::Flow;
 use stream::{ClientEnd, Failure, StreamData};
 
@@ -248,6 +248,8 @@ pub struct Gateway<M, const STREAMS: usize, const RING: usize = DEFAULT_RING_MES
     /// The latest `now` handed in: when a pause began.
     clock: Instant,
     budget: Budget,
+    /// Bulk bytes in flight on the tunnel, and acks owed (extension `native_ack`).
+    window: Window,
     control_cursor: Option<Slot>,
     data_cursor: Option<Slot>,
     event_cursor: Option<Slot>,
@@ -272,6 +274,7 @@ impl<M: PayloadBuf, const STREAMS: usize, const RING: usize> Gateway<M, STREAMS,
             pause: TunnelPause::new(),
             clock: now,
             budget: Budget::new(config.global_bytes),
+            window: Window::new(),
             control_cursor: None,
             data_cursor: None,
             event_cursor: None,
@@ -699,6 +702,10 @@ impl<M: PayloadBuf, const STREAMS: usize, const RING: usize> Gateway<M, STREAMS,
                 let s = &mut self.session;
                 s.agent_id = agent_id.map(|a| truncated(a.chars())).unwrap_or_default();
                 s.extensions = ours.common(extensions);
+                if s.extensions.native && s.extensions.native_ack {
+                    self.window.enable();
+                }
+                let s = &mut self.session;
                 s.upstream_bearer.clear();
                 if extensions == Extensions::NONE {
                     let token = payload.get("k8s_service_token").and_then(|v| v.as_str());
@@ -1656,6 +1663,9 @@ impl<M: PayloadBuf, const STREAMS: usize, const RING: usize> Gateway<M, STREAMS,
                 self.session.owe_registered = true;
             }
             self.check_unblock();
+            return Ok(Some(Transmit::Encoded(n)));
+        }
+        if let Some(n) = engine::transmit_ack(&mut self.window, buf)? {
             return Ok(Some(Transmit::Encoded(n)));
         }
         for slot in self.streams.slots_after(self.control_cursor) {

@@ -17,6 +17,13 @@ use crate::wire::native::{self, DataKind, FrameKind, NativeError, NativeFrame, S
 use super::{Gateway, Handled, OpenError, TransmitError, TunnelError};
 
 impl<M: PayloadBuf, const STREAMS: usize, const RING: usize> Gateway<M, STREAMS, RING> {
+    /// The tunnel's bulk window: data bytes sent and not acknowledged, and the limit on them
+    /// for bulk messages (extension `native_ack`; without it nothing is bounded).
+    #[must_use]
+    pub const fn bulk_window(&self) -> (u64, u64) {
+        (self.window.in_flight(), self.window.limit())
+    }
+
     /// Whether this tunnel speaks the native wire mode (both ends advertised it).
     #[must_use]
     pub const fn is_native(&self) -> bool {
@@ -61,6 +68,15 @@ impl<M: PayloadBuf, const STREAMS: usize, const RING: usize> Gateway<M, STREAMS,
             Ok(frame) => frame,
             Err(e) => return Err(self.reject_native(e)),
         };
+        if let NativeFrame::Ack { received } = frame {
+            return match self.window.on_ack(now, received) {
+                Ok(()) => Ok(Handled::Consumed),
+                Err(e) => Err(self.reject_named(heapless::String::new(), TunnelError::Ack(e), true)),
+            };
+        }
+        if let NativeFrame::Data { payload, .. } = frame {
+            self.window.on_received(payload.len());
+        }
         let stream = frame.stream();
         let Some(slot) = self.find_wire(stream) else {
             if matches!(frame, NativeFrame::Start { .. }) {
@@ -96,6 +112,7 @@ impl<M: PayloadBuf, const STREAMS: usize, const RING: usize> Gateway<M, STREAMS,
                 Ok(Handled::Consumed)
             }
             NativeFrame::Start { .. } => Err(self.unexpected(stream, FrameKind::Start)),
+            NativeFrame::Ack { .. } => Ok(Handled::Consumed),
         }
     }
 
@@ -128,6 +145,7 @@ impl<M: PayloadBuf, const STREAMS: usize, const RING: usize> Gateway<M, STREAMS,
                 Ok(other) => return Err(TunnelError::UnexpectedFrame(other.kind())),
                 Err(e) => return Err(self.reject_native(e)),
             };
+        self.window.on_received(len);
         let Some(slot) = self.find_wire(stream) else {
             return self.unknown_wire(stream).map(|_| ());
         };
@@ -247,6 +265,7 @@ impl<M: PayloadBuf, const STREAMS: usize, const RING: usize> Gateway<M, STREAMS,
         let sent = engine::transmit_native_data(
             &mut self.streams,
             &mut self.budget,
+            &mut self.window,
             slot,
             now,
             buf,

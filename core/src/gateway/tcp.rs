@@ -119,14 +119,15 @@ impl<M: PayloadBuf, const STREAMS: usize, const RING: usize> Gateway<M, STREAMS,
     }
 
     /// The largest message [`handle_client_message`](Gateway::handle_client_message) should be
-    /// given for a TCP stream on this tunnel: [`Config::max_message`](super::Config::max_message)
-    /// when its bytes travel as native frames (extension `native_tcp`: the agent offered it
-    /// because it takes such frames whole), [`COMPAT_TCP_PIECE`] otherwise.
+    /// given for a TCP stream on this tunnel:
+    /// [`NATIVE_TCP_PIECE`](crate::wire::native::NATIVE_TCP_PIECE) when its bytes travel as
+    /// native frames (extension `native_tcp`: the agent offered it because it takes such frames
+    /// whole), [`COMPAT_TCP_PIECE`] otherwise.
     #[must_use]
     pub fn tcp_piece_len(&self) -> usize {
         let ext = self.session.extensions;
         if ext.native && ext.native_tcp {
-            self.config.max_message
+            crate::wire::native::NATIVE_TCP_PIECE.min(self.config.max_message)
         } else {
             COMPAT_TCP_PIECE
         }

@@ -347,7 +347,7 @@ fn golden_register_success_advertises_extensions() {
     assert_eq!(
         h.sent[0].raw,
         format!(
-            r#"{{"type":"register_success","request_id":"req_1_a1","payload":{{"cluster_id":"c1","extensions":{{"websocket_started":true,"websocket_close_code":true,"proxy_error_status":true,"native_frames":true,"raw_upgrade":true,"response_credit":true,"native_tcp":true}}}},"timestamp":"{STAMP}"}}"#
+            r#"{{"type":"register_success","request_id":"req_1_a1","payload":{{"cluster_id":"c1","extensions":{{"websocket_started":true,"websocket_close_code":true,"proxy_error_status":true,"native_frames":true,"raw_upgrade":true,"response_credit":true,"native_tcp":true,"native_ack":true}}}},"timestamp":"{STAMP}"}}"#
         )
     );
     // The test agent offers the compat extensions only.
@@ -358,6 +358,7 @@ fn golden_register_success_advertises_extensions() {
             extensions: Extensions {
                 native: false,
                 native_tcp: false,
+                native_ack: false,
                 ..Extensions::ALL
             }
         }]

@@ -2,7 +2,7 @@
 
 use core::fmt;
 
-use crate::credit::CreditError;
+use crate::credit::{AckError, CreditError};
 use crate::stream_id::StreamIdError;
 use crate::table::TransitionError;
 use crate::wire::error::{DecodeError, EncodeError, FrameError};
@@ -70,6 +70,9 @@ pub enum TunnelError {
     /// Data arrived for a stream whose sender had no credit left (native mode): the stream is
     /// closed with 1008, others are untouched.
     Credit(CreditError),
+    /// A native ack reported bytes that were never sent (or fewer than before): the peer is
+    /// broken; the ack is ignored, every stream goes on.
+    Ack(AckError),
 }
 
 impl fmt::Display for TunnelError {
@@ -100,6 +103,7 @@ impl fmt::Display for TunnelError {
                 write!(f, "native {kind} frame is not sent to an agent")
             }
             Self::Credit(e) => fmt::Display::fmt(e, f),
+            Self::Ack(e) => fmt::Display::fmt(e, f),
         }
     }
 }
@@ -113,6 +117,7 @@ impl core::error::Error for TunnelError {
             Self::Request(e) => Some(e),
             Self::Native(e) => Some(e),
             Self::Credit(e) => Some(e),
+            Self::Ack(e) => Some(e),
             _ => None,
         }
     }

@@ -118,7 +118,7 @@ pub use validate::{
 
 use event::truncated;
 use session::Session;
-use crate::engine::{self, PushRefused};
+use crate::engine::{self, PushRefused, Window};
 use crate::flow::Flow;
 use stream::{Failure, StreamData};
 
@@ -275,6 +275,8 @@ pub struct Relay<M, const STREAMS: usize, const RING: usize = DEFAULT_RING_MESSA
     /// The latest `now` handed in: when a pause began.
     clock: Instant,
     budget: Budget,
+    /// Bulk bytes in flight on the tunnel, and acks owed (extension `native_ack`).
+    window: Window,
     control_cursor: Option<Slot>,
     data_cursor: Option<Slot>,
     event_cursor: Option<Slot>,
@@ -314,6 +316,7 @@ impl<M: PayloadBuf, const STREAMS: usize, const RING: usize> Relay<M, STREAMS, R
             pause: TunnelPause::new(),
             clock: Instant::from_micros(0),
             budget: Budget::new(config.global_bytes),
+            window: Window::new(),
             control_cursor: None,
             data_cursor: None,
             event_cursor: None,
@@ -335,11 +338,14 @@ impl<M: PayloadBuf, const STREAMS: usize, const RING: usize> Relay<M, STREAMS, R
     }
 
     /// The extensions this relay offers: [`Config::extensions`], without `native_tcp` when a
-    /// native data frame of [`Config::max_message`] bytes would not fit one `M` (an embedded
-    /// buffer type: compat tunnel data is split to fit, native frames cannot be).
+    /// TCP data frame of [`NATIVE_TCP_PIECE`](crate::wire::native::NATIVE_TCP_PIECE) bytes
+    /// would not fit one `M` or one tunnel message (an embedded agent: compat tunnel data is
+    /// split to fit its buffers, native frames cannot be).
     fn offered(&self) -> Extensions {
+        use crate::wire::native::{HEADER_LEN, NATIVE_TCP_PIECE};
         let mut ext = self.config.extensions;
-        ext.native_tcp &= M::max_len() >= self.config.max_message;
+        ext.native_tcp &= M::max_len() >= NATIVE_TCP_PIECE
+            && self.config.max_message >= NATIVE_TCP_PIECE + HEADER_LEN;
         ext
     }
 
@@ -395,6 +401,7 @@ impl<M: PayloadBuf, const STREAMS: usize, const RING: usize> Relay<M, STREAMS, R
             keepalive: Keepalive::armed(now, self.config.ping_interval, self.config.read_deadline),
             ..Session::default()
         };
+        self.window = Window::new();
         self.fallbacks.clear();
     }
 
@@ -541,6 +548,9 @@ impl<M: PayloadBuf, const STREAMS: usize, const RING: usize> Relay<M, STREAMS, R
                 s.cluster_id = truncated(ok.cluster_id.chars());
                 let theirs = ok.extensions;
                 s.extensions = ours.common(theirs);
+                if s.extensions.native && s.extensions.native_ack {
+                    self.window.enable();
+                }
                 s.owe_registered = true;
                 s.next_heartbeat = Some(now + self.config.heartbeat_interval);
                 info!("registered as cluster {}", s.cluster_id.as_str());
@@ -1380,6 +1390,9 @@ impl<M: PayloadBuf, const STREAMS: usize, const RING: usize> Relay<M, STREAMS, R
             )?;
             self.replies.pop_front();
             self.check_unblock();
+            return Ok(Some(Transmit::Encoded(n)));
+        }
+        if let Some(n) = engine::transmit_ack(&mut self.window, buf)? {
             return Ok(Some(Transmit::Encoded(n)));
         }
         for slot in self.streams.slots_after(self.control_cursor) {

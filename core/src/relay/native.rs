@@ -16,6 +16,13 @@ use super::{
 };
 
 impl<M: PayloadBuf, const STREAMS: usize, const RING: usize> Relay<M, STREAMS, RING> {
+    /// The tunnel's bulk window: data bytes sent and not acknowledged, and the limit on them
+    /// for bulk messages (extension `native_ack`; without it nothing is bounded).
+    #[must_use]
+    pub const fn bulk_window(&self) -> (u64, u64) {
+        (self.window.in_flight(), self.window.limit())
+    }
+
     /// Whether this session speaks the native wire mode (both ends advertised it).
     #[must_use]
     pub const fn is_native(&self) -> bool {
@@ -38,7 +45,14 @@ impl<M: PayloadBuf, const STREAMS: usize, const RING: usize> Relay<M, STREAMS, R
                 stream,
                 kind,
                 payload,
-            } => self.on_native_data(now, stream, kind, payload.len(), || M::from_slice(payload)),
+            } => {
+                self.window.on_received(payload.len());
+                self.on_native_data(now, stream, kind, payload.len(), || M::from_slice(payload))
+            }
+            NativeFrame::Ack { received } => match self.window.on_ack(now, received) {
+                Ok(()) => Ok(Handled::Consumed),
+                Err(e) => Err(self.reject_id(heapless::String::new(), false, TunnelError::Ack(e))),
+            },
             NativeFrame::Close {
                 stream,
                 code,
@@ -105,6 +119,7 @@ impl<M: PayloadBuf, const STREAMS: usize, const RING: usize> Relay<M, STREAMS, R
                 Ok(other) => return Err(TunnelError::UnexpectedFrame(other.kind())),
                 Err(e) => return Err(self.reject_native(now, e)),
             };
+        self.window.on_received(len);
         self.on_native_data(now, stream, kind, len, || frame.sliced(native::HEADER_LEN))
             .map(|_| ())
     }
@@ -275,6 +290,7 @@ impl<M: PayloadBuf, const STREAMS: usize, const RING: usize> Relay<M, STREAMS, R
         let sent = engine::transmit_native_data(
             &mut self.streams,
             &mut self.budget,
+            &mut self.window,
             slot,
             now,
             buf,

@@ -292,6 +292,7 @@ fn exec_sequence_start_started_data_close() {
         Extensions {
             native: false,
             native_tcp: false,
+            native_ack: false,
             ..Extensions::ALL
         }
     );
@@ -877,6 +878,7 @@ fn timers_ping_heartbeat_read_deadline() {
             extensions: Extensions {
                 native: false,
                 native_tcp: false,
+                native_ack: false,
                 ..Extensions::ALL
             }
         }]

@@ -93,7 +93,7 @@ impl<'a> Envelope<'a> {
 /// (control plane to agent) and of `register` (agent to control plane):
 ///
 /// ```json
-/// "extensions": {"websocket_started": true, "websocket_close_code": true, "proxy_error_status": true, "native_frames": true, "raw_upgrade": true, "response_credit": true, "native_tcp": true}
+/// "extensions": {"websocket_started": true, "websocket_close_code": true, "proxy_error_status": true, "native_frames": true, "raw_upgrade": true, "response_credit": true, "native_tcp": true, "native_ack": true}
 /// ```
 ///
 /// A missing object or member means "not supported" (a PipeOps peer sends none). Unknown
@@ -124,6 +124,10 @@ pub struct Extensions {
     /// tunnel's bytes, credit and close then travel as native frames instead of base64 JSON.
     /// Member `"native_tcp"`.
     pub native_tcp: bool,
+    /// On a native tunnel, each end acknowledges the data bytes it received with native `ack`
+    /// frames, so the other keeps only what the path needs in flight (see
+    /// `crate::engine::window`). Member `"native_ack"`.
+    pub native_ack: bool,
 }
 
 impl Extensions {
@@ -136,6 +140,7 @@ impl Extensions {
         raw_upgrade: false,
         response_credit: false,
         native_tcp: false,
+        native_ack: false,
     };
     /// Every extension this version knows.
     pub const ALL: Self = Self {
@@ -146,6 +151,7 @@ impl Extensions {
         raw_upgrade: true,
         response_credit: true,
         native_tcp: true,
+        native_ack: true,
     };
 
     /// The extensions both `self` and `other` offer: what a tunnel uses once registered.
@@ -159,6 +165,7 @@ impl Extensions {
             raw_upgrade: self.raw_upgrade && other.raw_upgrade,
             response_credit: self.response_credit && other.response_credit,
             native_tcp: self.native_tcp && other.native_tcp,
+            native_ack: self.native_ack && other.native_ack,
         }
     }
 
@@ -168,7 +175,7 @@ impl Extensions {
         let Some(obj) = opt_object(payload.get(F), F)? else {
             return Ok(Self::NONE);
         };
-        let [a, b, c, d, e, f, g] = obj.fields([
+        let [a, b, c, d, e, f, g, h] = obj.fields([
             "websocket_started",
             "websocket_close_code",
             "proxy_error_status",
@@ -176,6 +183,7 @@ impl Extensions {
             "raw_upgrade",
             "response_credit",
             "native_tcp",
+            "native_ack",
         ]);
         Ok(Self {
             websocket_started: opt_bool(a, F)?,
@@ -185,6 +193,7 @@ impl Extensions {
             raw_upgrade: opt_bool(e, F)?,
             response_credit: opt_bool(f, F)?,
             native_tcp: opt_bool(g, F)?,
+            native_ack: opt_bool(h, F)?,
         })
     }
 }

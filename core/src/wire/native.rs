@@ -24,10 +24,10 @@
 //! * A frame longer than the caller's limit is [`NativeError::TooLarge`] (checked first; the
 //!   error still names the stream when the header is complete, see [`peek_stream`]).
 //! * The first byte must be a known kind ([`is_native`]); JSON text never starts with bytes
-//!   1..=6, so a binary message is a native frame iff [`is_native`] says so.
+//!   1..=7, so a binary message is a native frame iff [`is_native`] says so.
 //! * Frames are canonical: every frame `decode` accepts re-encodes ([`NativeFrame::encode`])
-//!   to exactly the same bytes. Hence unknown flag bits, stream 0, a close reason over 123
-//!   bytes, non-UTF-8 text fields and a credit body other than 8 bytes are rejected.
+//!   to exactly the same bytes. Hence unknown flag bits, stream 0 (or, on an ack, any other), a close reason over 123
+//!   bytes, non-UTF-8 text fields and a credit or ack body other than 8 bytes are rejected.
 //! * `decode` checks that a start body is UTF-8 but does not parse it; call
 //!   [`decode_start_body`] for that. Data payloads are never inspected (a text message's
 //!   payload is not checked for UTF-8, as on the compat path).
@@ -48,6 +48,10 @@ pub const HEADER_LEN: usize = 6;
 /// Longest close reason in bytes (RFC 6455 §5.5: 125-byte control payload minus the code).
 pub const MAX_CLOSE_REASON: usize = 123;
 
+/// Largest data payload the control plane puts in one native frame of a TCP tunnel (extension
+/// `native_tcp`). An agent offers the extension only if it takes frames that large whole.
+pub const NATIVE_TCP_PIECE: usize = 64 * 1024;
+
 /// The data frame flag marking a binary message (clear: text).
 const FLAG_BINARY: u8 = 0x01;
 
@@ -58,7 +62,7 @@ pub fn is_data(frame: &[u8]) -> bool {
     frame.first() == Some(&(FrameKind::Data as u8))
 }
 
-/// `true` iff the first byte of `frame` is a known frame kind (1..=6).
+/// `true` iff the first byte of `frame` is a known frame kind (1..=7).
 ///
 /// JSON (even with leading whitespace) never starts with those bytes, so an adapter can use
 /// this to tell native frames from JSON envelopes carried in binary messages. It says nothing
@@ -95,6 +99,8 @@ pub enum FrameKind {
     Error,
     /// Flow-control credit for the stream (body: byte and message increments).
     Credit,
+    /// Data bytes received on the whole tunnel (stream 0; body: a u64 total).
+    Ack,
 }
 
 impl FrameKind {
@@ -107,6 +113,7 @@ impl FrameKind {
             4 => Self::Close,
             5 => Self::Error,
             6 => Self::Credit,
+            7 => Self::Ack,
             _ => return None,
         })
     }
@@ -120,6 +127,7 @@ impl FrameKind {
             Self::Close => "close",
             Self::Error => "error",
             Self::Credit => "credit",
+            Self::Ack => "ack",
         }
     }
 }
@@ -167,8 +175,10 @@ pub enum NativeError {
         /// The flags byte as received.
         flags: u8,
     },
-    /// The stream number is 0.
+    /// The stream number is 0 (on any kind but an ack).
     ZeroStream,
+    /// An ack names a stream (its stream number must be 0).
+    StreamOnAck,
     /// The frame is longer than the caller's limit.
     TooLarge {
         /// Length of the frame.
@@ -200,6 +210,7 @@ impl fmt::Display for NativeError {
                 write!(f, "invalid flags {flags:#04x} on a native {kind} frame")
             }
             Self::ZeroStream => f.write_str("native frame for stream 0"),
+            Self::StreamOnAck => f.write_str("native ack frame names a stream"),
             Self::TooLarge { len, max, stream } => {
                 write!(
                     f,
@@ -273,6 +284,12 @@ pub enum NativeFrame<'a> {
         /// Message increment.
         messages: u32,
     },
+    /// The sender of this frame received `received` data payload bytes on the tunnel so far.
+    /// Tunnel-wide: its stream number is 0.
+    Ack {
+        /// Total data payload bytes received.
+        received: u64,
+    },
 }
 
 impl<'a> NativeFrame<'a> {
@@ -310,8 +327,11 @@ impl<'a> NativeFrame<'a> {
         if flags & !allowed != 0 {
             return Err(NativeError::BadFlags { kind, flags });
         }
-        if stream == 0 {
-            return Err(NativeError::ZeroStream);
+        match (kind, stream) {
+            (FrameKind::Ack, 0) => {}
+            (FrameKind::Ack, _) => return Err(NativeError::StreamOnAck),
+            (_, 0) => return Err(NativeError::ZeroStream),
+            _ => {}
         }
         let utf8 = |b: &'a [u8]| core::str::from_utf8(b).map_err(|_| NativeError::BadUtf8 { kind });
         let bad = NativeError::BadBody { kind };
@@ -365,12 +385,16 @@ impl<'a> NativeFrame<'a> {
                     messages: body.get(4..).and_then(read_u32).ok_or(bad)?,
                 }
             }
+            FrameKind::Ack => Self::Ack {
+                received: u64::from_be_bytes(body.try_into().map_err(|_| bad)?),
+            },
         })
     }
 
-    /// The stream number.
+    /// The stream number (0 for an ack).
     pub fn stream(&self) -> u32 {
         match *self {
+            Self::Ack { .. } => 0,
             Self::Start { stream, .. }
             | Self::Started { stream, .. }
             | Self::Data { stream, .. }
@@ -389,6 +413,7 @@ impl<'a> NativeFrame<'a> {
             Self::Close { .. } => FrameKind::Close,
             Self::Error { .. } => FrameKind::Error,
             Self::Credit { .. } => FrameKind::Credit,
+            Self::Ack { .. } => FrameKind::Ack,
         }
     }
 
@@ -405,7 +430,7 @@ impl<'a> NativeFrame<'a> {
     /// [`NativeError::BadBody`]), a start request that is UTF-8. A frame that passes encodes
     /// to bytes that decode back to it (given a large enough `max_len`).
     pub fn check(&self) -> Result<(), NativeError> {
-        if self.stream() == 0 {
+        if self.stream() == 0 && !matches!(self, Self::Ack { .. }) {
             return Err(NativeError::ZeroStream);
         }
         let kind = self.kind();
@@ -432,7 +457,7 @@ impl<'a> NativeFrame<'a> {
                 Self::Data { payload, .. } => payload.len(),
                 Self::Close { reason, .. } => 2 + reason.len(),
                 Self::Error { message, .. } => 2 + message.len(),
-                Self::Credit { .. } => 8,
+                Self::Credit { .. } | Self::Ack { .. } => 8,
             }
     }
 
@@ -471,6 +496,7 @@ impl<'a> NativeFrame<'a> {
                 b.copy_from_slice(&bytes.to_be_bytes());
                 m.copy_from_slice(&messages.to_be_bytes());
             }
+            Self::Ack { received } => body.copy_from_slice(&received.to_be_bytes()),
         }
         Ok(n)
     }

@@ -529,5 +529,6 @@ pub(crate) fn write_extensions(p: &mut ObjectWriter<'_, '_>, e: &Extensions) {
         o.bool("raw_upgrade", e.raw_upgrade);
         o.bool("response_credit", e.response_credit);
         o.bool("native_tcp", e.native_tcp);
+        o.bool("native_ack", e.native_ack);
     });
 }

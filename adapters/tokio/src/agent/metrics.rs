@@ -242,7 +242,7 @@ pub(crate) fn relay_error_class(e: &TunnelError) -> Option<ErrorClass> {
         | TunnelError::TooManyStreams
         | TunnelError::Request(_)
         | TunnelError::UnexpectedFrame(_) => ErrorClass::Refused,
-        TunnelError::Credit(_) => ErrorClass::Flow,
+        TunnelError::Credit(_) | TunnelError::Ack(_) => ErrorClass::Flow,
     })
 }
 

@@ -33,7 +33,7 @@ pub(crate) fn gateway_error_class(e: &TunnelError) -> Option<ErrorClass> {
         | TunnelError::UnknownType => ErrorClass::Decode,
         TunnelError::UnknownStream => ErrorClass::UnknownStream,
         TunnelError::Unexpected | TunnelError::UnexpectedFrame(_) => ErrorClass::Refused,
-        TunnelError::Credit(_) => ErrorClass::Flow,
+        TunnelError::Credit(_) | TunnelError::Ack(_) => ErrorClass::Flow,
     })
 }
 

@@ -382,6 +382,7 @@ fn other_inbound_types() {
             raw_upgrade: false,
             response_credit: false,
             native_tcp: false,
+            native_ack: false,
         }
     );
     let Inbound::RegisterSuccess(r) =

@@ -139,6 +139,7 @@ fn kind_display_and_bytes() {
         (FrameKind::Close, "close"),
         (FrameKind::Error, "error"),
         (FrameKind::Credit, "credit"),
+        (FrameKind::Ack, "ack"),
     ];
     for (i, (k, name)) in all.into_iter().enumerate() {
         assert_eq!(k as u8 as usize, i + 1);
@@ -146,7 +147,7 @@ fn kind_display_and_bytes() {
         assert_eq!(k.to_string(), name);
     }
     assert_eq!(FrameKind::from_u8(0), None);
-    assert_eq!(FrameKind::from_u8(7), None);
+    assert_eq!(FrameKind::from_u8(8), None);
 }
 
 #[test]
@@ -155,8 +156,8 @@ fn is_native_and_peek_stream() {
     assert!(!is_native(b"{\"type\":\"ping\"}"));
     assert!(!is_native(b" {}"));
     assert!(!is_native(&[0]));
-    assert!(!is_native(&[7, 0, 0, 0, 0, 1]));
-    for k in 1..=6u8 {
+    assert!(!is_native(&[8, 0, 0, 0, 0, 1]));
+    for k in 1..=7u8 {
         assert!(is_native(&[k]));
     }
     assert_eq!(peek_stream(&[3, 0, 0, 0, 1]), None);
@@ -206,7 +207,31 @@ fn error_too_short_and_unknown_kind() {
     }
     assert_eq!(dec(b"{}"), Err(NativeError::UnknownKind(b'{')));
     assert_eq!(dec(&[0, 0, 0, 0, 0, 1]), Err(NativeError::UnknownKind(0)));
-    assert_eq!(dec(&[7]), Err(NativeError::UnknownKind(7)));
+    assert_eq!(dec(&[8]), Err(NativeError::UnknownKind(8)));
+}
+
+#[test]
+fn ack_is_tunnel_wide_with_an_eight_byte_total() {
+    let ack = NativeFrame::Ack {
+        received: 0x0102_0304_0506_0708,
+    };
+    let mut buf = [0u8; 14];
+    assert_eq!(ack.encode(&mut buf), Ok(14));
+    assert_eq!(buf, [7, 0, 0, 0, 0, 0, 1, 2, 3, 4, 5, 6, 7, 8]);
+    assert_eq!(dec(&buf), Ok(ack));
+    assert_eq!(ack.stream(), 0);
+    assert_eq!(ack.check(), Ok(()));
+    // An ack naming a stream, or with a body other than 8 bytes, is not canonical.
+    let mut named = buf;
+    named[5] = 1;
+    assert_eq!(dec(&named), Err(NativeError::StreamOnAck));
+    assert_eq!(
+        dec(&buf[..13]),
+        Err(NativeError::BadBody {
+            kind: FrameKind::Ack
+        })
+    );
+    assert_eq!(peek_stream(&buf), None);
 }
 
 #[test]

@@ -76,7 +76,7 @@ fn golden_register() {
             r#""labels":{"hostname":"node-1","agent.pipeops.io/version":"0.1.0"},"#,
             r#""server_specs":{"cpu_cores":4,"os":"linux"},"#,
             r#""features":{"supports_streaming":true,"supports_binary_protocol":true,"supports_compression":true,"supports_websocket_proxy":true,"supports_gateway":true,"supports_response_streaming":true},"#,
-            r#""extensions":{"websocket_started":true,"websocket_close_code":true,"proxy_error_status":true,"native_frames":true,"raw_upgrade":true,"response_credit":true,"native_tcp":true},"#,
+            r#""extensions":{"websocket_started":true,"websocket_close_code":true,"proxy_error_status":true,"native_frames":true,"raw_upgrade":true,"response_credit":true,"native_tcp":true,"native_ack":true},"#,
             r#""metadata":{"agent_mode":"vm-agent","registration_mode":"fresh"},"cluster_id":"c1"}"#
         ),
     );

@@ -71,17 +71,20 @@ struct Iperf(std::process::Child, u16);
 impl Iperf {
     fn start() -> Self {
         let port = free_addr().port();
-        let child = Command::new("iperf3")
-            .args(["-s", "-p", &port.to_string(), "--bind", "127.0.0.1"])
-            .stdout(std::process::Stdio::null())
+        let mut child = Command::new("iperf3")
+            .args(["-s", "-p", &port.to_string(), "--bind", "127.0.0.1", "--forceflush"])
+            .stdout(std::process::Stdio::piped())
             .stderr(std::process::Stdio::null())
             .spawn()
             .expect("iperf3 (Debian's iperf3) is needed for the raw TCP bench");
-        let deadline = Instant::now() + Duration::from_secs(10);
-        while TcpStream::connect(("127.0.0.1", port)).is_err() {
-            assert!(Instant::now() < deadline, "iperf3 -s did not listen");
-            std::thread::sleep(Duration::from_millis(50));
-        }
+        // Ready once it says so. (A probe connection would be taken for a test's control
+        // connection, and its reset can fail the next real client.)
+        let stdout = child.stdout.take().expect("iperf3 stdout");
+        let mut lines = std::io::BufRead::lines(std::io::BufReader::new(stdout));
+        let ready = lines.any(|l| l.is_ok_and(|l| l.contains("Server listening")));
+        assert!(ready, "iperf3 -s did not listen");
+        // Keep draining its output so it never blocks on a full pipe.
+        std::thread::spawn(move || lines.for_each(drop));
         Self(child, port)
     }
 }
