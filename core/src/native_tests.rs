@@ -1342,7 +1342,11 @@ fn the_bulk_window_bounds_what_waits_in_front_of_an_interactive_message() {
         let room = FIFO_CAP.saturating_sub(p.to_relay.len());
         p.poll_gw(room);
         let queued = fifo_bytes(&p);
-        assert!(queued <= bound(&p), "{queued} bytes in flight, bound {}", bound(&p));
+        assert!(
+            queued <= bound(&p),
+            "{queued} bytes in flight, bound {}",
+            bound(&p)
+        );
         worst = worst.max(queued);
         if behind_tty.is_none()
             && let Some(at) = p
@@ -1359,7 +1363,10 @@ fn the_bulk_window_bounds_what_waits_in_front_of_an_interactive_message() {
     }
     assert!(worst > 0);
     let ahead = behind_tty.expect("the interactive message was sent");
-    assert!(ahead <= bound(&p), "{ahead} bytes ahead of the interactive message");
+    assert!(
+        ahead <= bound(&p),
+        "{ahead} bytes ahead of the interactive message"
+    );
     for id in ["A", "B", "C", "T"] {
         p.streams[id].up.check(id);
     }

@@ -163,7 +163,10 @@ impl<M: PayloadBuf, const RING: usize> Pipe<M, RING> {
             budget.on_queued(len);
         }
         let stopped = (result.is_err() || self.to_tunnel.is_full()) && self.stop_reading();
-        (result.map_err(|full| SendError::Full(full.0.payload)), stopped)
+        (
+            result.map_err(|full| SendError::Full(full.0.payload)),
+            stopped,
+        )
     }
 
     /// Queues a message of `len` bytes from the tunnel for the local end; `make` builds its

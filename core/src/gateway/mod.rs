@@ -123,9 +123,9 @@ pub use headers::{DROPPED_HEADERS, IMPERSONATE_PREFIX, is_forwarded};
 pub use stream::StreamKind;
 pub use tcp::TcpOpen;
 
-use headers::Forwarded;
 use crate::engine::{self, PushRefused, Window};
 use crate::flow::Flow;
+use headers::Forwarded;
 use stream::{ClientEnd, Failure, StreamData};
 
 /// Replies owed to the agent (register_success, acks, pongs, errors); when full, tunnel messages are
@@ -1139,7 +1139,8 @@ impl<M: PayloadBuf, const STREAMS: usize, const RING: usize> Gateway<M, STREAMS,
         debug!("request {}: response {}", stream, status);
         if let Some(payload) = body {
             // The ring is empty (nothing comes before a header), which takes any one message.
-            if d.pipe.to_local
+            if d.pipe
+                .to_local
                 .push(Message {
                     kind: MessageKind::Binary,
                     payload,
@@ -1743,7 +1744,11 @@ impl<M: PayloadBuf, const STREAMS: usize, const RING: usize> Gateway<M, STREAMS,
             return self.transmit_native_control(slot, buf);
         }
         let id = WireStr::Plain(stream.as_str());
-        if let Some(close) = d.owe_agent_close.as_ref().filter(|_| d.pipe.to_tunnel.is_empty()) {
+        if let Some(close) = d
+            .owe_agent_close
+            .as_ref()
+            .filter(|_| d.pipe.to_tunnel.is_empty())
+        {
             let n = if d.kind == StreamKind::Tcp {
                 tcp::close_message(id, close).encode(Some(id), unix, buf)?
             } else {

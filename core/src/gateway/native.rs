@@ -71,7 +71,9 @@ impl<M: PayloadBuf, const STREAMS: usize, const RING: usize> Gateway<M, STREAMS,
         if let NativeFrame::Ack { received } = frame {
             return match self.window.on_ack(now, received) {
                 Ok(()) => Ok(Handled::Consumed),
-                Err(e) => Err(self.reject_named(heapless::String::new(), TunnelError::Ack(e), true)),
+                Err(e) => {
+                    Err(self.reject_named(heapless::String::new(), TunnelError::Ack(e), true))
+                }
             };
         }
         if let NativeFrame::Data { payload, .. } = frame {
@@ -238,7 +240,11 @@ impl<M: PayloadBuf, const STREAMS: usize, const RING: usize> Gateway<M, STREAMS,
         if let Some(n) = d.pipe.take_grant(receiving, buf)? {
             return Ok(Some(n));
         }
-        if let Some(close) = d.owe_agent_close.as_ref().filter(|_| d.pipe.to_tunnel.is_empty()) {
+        if let Some(close) = d
+            .owe_agent_close
+            .as_ref()
+            .filter(|_| d.pipe.to_tunnel.is_empty())
+        {
             let frame = NativeFrame::Close {
                 stream: wire,
                 code: close.code,

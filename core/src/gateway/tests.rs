@@ -1346,7 +1346,11 @@ mod pair {
 
         /// Tunnel frames that are native data frames, and those that are `tcp_tunnel_data`.
         fn tcp_framing(&self) -> (usize, usize) {
-            let native = self.frames.iter().filter(|f| crate::wire::native::is_data(f)).count();
+            let native = self
+                .frames
+                .iter()
+                .filter(|f| crate::wire::native::is_data(f))
+                .count();
             let compat = self
                 .frames
                 .iter()

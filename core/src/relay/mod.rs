@@ -116,10 +116,10 @@ pub use validate::{
     validate_subprotocol, validate_subprotocol_list, validate_upgrade,
 };
 
-use event::truncated;
-use session::Session;
 use crate::engine::{self, PushRefused, Window};
 use crate::flow::Flow;
+use event::truncated;
+use session::Session;
 use stream::{Failure, StreamData};
 
 /// Replies to tunnel messages (pong, errors, fallbacks) that can wait for `poll_transmit`; when

@@ -9,7 +9,6 @@ use crate::time::Instant;
 use super::event::{Close, MAX_FAILURE_MESSAGE, MAX_SUBPROTOCOL};
 use super::tcp::TcpData;
 
-
 /// Upstream refusal to report as `proxy_error`.
 #[derive(Clone, Debug)]
 pub(crate) struct Failure {

@@ -8,7 +8,8 @@
 
 use crate::wire::b64::Base64Str;
 use crate::wire::envelope::{
-    Envelope, Extensions, opt_bool, opt_number, opt_object, opt_str, opt_u16, opt_u32, opt_u64, req_str,
+    Envelope, Extensions, opt_bool, opt_number, opt_object, opt_str, opt_u16, opt_u32, opt_u64,
+    req_str,
 };
 use crate::wire::error::DecodeError;
 use crate::wire::headers::Headers;

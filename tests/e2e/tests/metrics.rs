@@ -20,6 +20,8 @@ const FAMILIES: &[&str] = &[
     "tether_ring_bytes",
     "tether_tunnel_reconnects_total",
     "tether_wire_mode",
+    "tether_tunnel_in_flight_bytes",
+    "tether_tunnel_bulk_limit_bytes",
 ];
 
 /// A loopback port nobody listens on right now.
@@ -196,13 +198,16 @@ fn exec_and_scrape(agent_args: &[&str]) -> (String, String) {
 #[test]
 fn metrics_after_exec_stream() {
     let (agent, cp) = exec_and_scrape(&[]);
-    // Both ends offer native by default: both report it.
+    // Both ends offer native by default: both report it, with a bulk window (256 KiB at
+    // least) and nothing left unacknowledged once the stream ended.
     for (side, text) in [("agent", &agent), ("control plane", &cp)] {
         assert_eq!(
             value(text, "tether_wire_mode{mode=\"native\"}"),
             Some(1.0),
             "{side}\n{text}"
         );
+        let limit = value(text, "tether_tunnel_bulk_limit_bytes").unwrap_or(0.0);
+        assert!(limit >= 262_144.0, "{side}: bulk limit {limit}\n{text}");
     }
 }
 
@@ -213,6 +218,12 @@ fn metrics_wire_mode_compat() {
         assert_eq!(
             value(text, "tether_wire_mode{mode=\"compat\"}"),
             Some(1.0),
+            "{side}\n{text}"
+        );
+        // No acks in compat mode: no window.
+        assert_eq!(
+            value(text, "tether_tunnel_bulk_limit_bytes"),
+            Some(0.0),
             "{side}\n{text}"
         );
     }

@@ -339,6 +339,23 @@ pub(crate) fn render_rings(out: &mut Exposition, messages: usize, bytes: usize) 
     );
 }
 
+/// Renders `tether_tunnel_in_flight_bytes` and `tether_tunnel_bulk_limit_bytes` (the bulk
+/// window of the native tunnels, extension `native_ack`).
+pub(crate) fn render_window(out: &mut Exposition, in_flight: u64, limit: u64) {
+    out.single(
+        "tether_tunnel_in_flight_bytes",
+        "gauge",
+        "Data bytes sent on native tunnels and not yet acknowledged by the other end.",
+        in_flight,
+    );
+    out.single(
+        "tether_tunnel_bulk_limit_bytes",
+        "gauge",
+        "Limit on bulk bytes in flight on native tunnels (twice the measured bandwidth-delay product).",
+        limit,
+    );
+}
+
 /// Renders `tether_wire_mode`.
 pub(crate) fn render_wire_mode(out: &mut Exposition, native: u64, compat: u64, help: &str) {
     out.header("tether_wire_mode", "gauge", help);
@@ -541,6 +558,8 @@ pub struct Metrics {
     paused: PauseClock,
     ring_messages: AtomicU64,
     ring_bytes: AtomicU64,
+    window_in_flight: AtomicU64,
+    window_limit: AtomicU64,
     native: AtomicBool,
 }
 
@@ -575,6 +594,11 @@ impl Metrics {
         self.ring_messages
             .store(as_u64(ring.messages), Ordering::Relaxed);
         self.ring_bytes.store(as_u64(ring.bytes), Ordering::Relaxed);
+        let (in_flight, limit) = relay.bulk_window();
+        let native = relay.is_native() && relay.extensions().native_ack;
+        self.window_in_flight.store(in_flight, Ordering::Relaxed);
+        self.window_limit
+            .store(if native { limit } else { 0 }, Ordering::Relaxed);
     }
 
     /// The session ended: tunnel reading is no longer paused; `registered` says whether the control
@@ -599,6 +623,8 @@ impl Metrics {
         self.paused.set(0, false);
         self.ring_messages.store(0, Ordering::Relaxed);
         self.ring_bytes.store(0, Ordering::Relaxed);
+        self.window_in_flight.store(0, Ordering::Relaxed);
+        self.window_limit.store(0, Ordering::Relaxed);
         if registered {
             self.tunnel_reconnects.fetch_add(1, Ordering::Relaxed);
         }
@@ -792,6 +818,11 @@ impl Metrics {
             &mut out,
             usize::try_from(load(&self.ring_messages)).unwrap_or(usize::MAX),
             usize::try_from(load(&self.ring_bytes)).unwrap_or(usize::MAX),
+        );
+        render_window(
+            &mut out,
+            load(&self.window_in_flight),
+            load(&self.window_limit),
         );
         let native = connected && self.native.load(Ordering::Relaxed);
         render_wire_mode(

@@ -17,7 +17,7 @@ use tether_core::gateway::{Stats, TunnelError};
 use super::tunnel::Gw;
 use crate::agent::metrics::{
     ErrorClass, ErrorCounts, Exposition, PauseClock, StreamKind, StreamLife, StreamStats,
-    micros_to_secs, render_blocked, render_bytes, render_rings, render_wire_mode,
+    micros_to_secs, render_blocked, render_bytes, render_rings, render_window, render_wire_mode,
 };
 
 /// The class of an agent message the gateway rejected; `None` for "not consumed, hand it in
@@ -44,6 +44,9 @@ struct TunnelView {
     native: bool,
     ring_messages: usize,
     ring_bytes: usize,
+    /// Bulk window (extension `native_ack`): bytes in flight and the limit (0 without it).
+    in_flight: u64,
+    window_limit: u64,
 }
 
 /// Process-wide counters; tunnels add their gateway's [`Stats`] deltas.
@@ -143,6 +146,10 @@ impl Metrics {
             if let Some(ring) = ring {
                 view.ring_messages = ring.messages;
                 view.ring_bytes = ring.bytes;
+                let (in_flight, limit) = gw.bulk_window();
+                let acked = native && gw.extensions().native_ack;
+                view.in_flight = in_flight;
+                view.window_limit = if acked { limit } else { 0 };
             }
             newly
         };
@@ -308,6 +315,11 @@ impl Metrics {
             &mut out,
             tunnels.iter().map(|t| t.ring_messages).sum(),
             tunnels.iter().map(|t| t.ring_bytes).sum(),
+        );
+        render_window(
+            &mut out,
+            tunnels.iter().map(|t| t.in_flight).sum(),
+            tunnels.iter().map(|t| t.window_limit).sum(),
         );
         let registered = tunnels.iter().filter(|t| t.registered);
         let native = registered.clone().filter(|t| t.native).count() as u64;

@@ -72,7 +72,14 @@ impl Iperf {
     fn start() -> Self {
         let port = free_addr().port();
         let mut child = Command::new("iperf3")
-            .args(["-s", "-p", &port.to_string(), "--bind", "127.0.0.1", "--forceflush"])
+            .args([
+                "-s",
+                "-p",
+                &port.to_string(),
+                "--bind",
+                "127.0.0.1",
+                "--forceflush",
+            ])
             .stdout(std::process::Stdio::piped())
             .stderr(std::process::Stdio::null())
             .spawn()
