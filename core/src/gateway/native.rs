@@ -114,6 +114,7 @@ impl<M: PayloadBuf, const STREAMS: usize, const RING: usize> Gateway<M, STREAMS,
                 Ok(Handled::Consumed)
             }
             NativeFrame::Start { .. } => Err(self.unexpected(stream, FrameKind::Start)),
+            // Taken before the stream lookup (an ack names no stream).
             NativeFrame::Ack { .. } => Ok(Handled::Consumed),
         }
     }

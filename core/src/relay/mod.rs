@@ -1432,14 +1432,11 @@ impl<M: PayloadBuf, const STREAMS: usize, const RING: usize> Relay<M, STREAMS, R
         let Some(entry) = self.streams.at(slot) else {
             return Ok(None);
         };
-        if entry.value.is_tcp() {
-            if entry.value.is_native() {
-                return self.transmit_native_tcp_control(slot, buf);
-            }
-            return self.transmit_tcp_control(slot, now, unix, buf);
-        }
         if entry.value.is_native() {
             return self.transmit_native_control(slot, buf);
+        }
+        if entry.value.is_tcp() {
+            return self.transmit_tcp_control(slot, now, unix, buf);
         }
         let id = WireStr::Plain(entry.id().as_str());
         let d = &entry.value;

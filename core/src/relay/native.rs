@@ -149,8 +149,12 @@ impl<M: PayloadBuf, const STREAMS: usize, const RING: usize> Relay<M, STREAMS, R
             }
             return Err(self.reject_stream(&id, TunnelError::Credit(e)));
         }
+        let delivering = self
+            .streams
+            .at(slot)
+            .is_some_and(|e| e.state() != StreamState::Closing);
         let handled = self.push_upstream_with(now, slot, kind.into(), len, make)?;
-        if let Some(tcp) = self.streams.at_mut(slot).and_then(|e| e.value.tcp_mut()) {
+        if delivering && let Some(tcp) = self.streams.at_mut(slot).and_then(|e| e.value.tcp_mut()) {
             tcp.bytes_received += len as u64;
         }
         Ok(handled)
@@ -227,7 +231,9 @@ impl<M: PayloadBuf, const STREAMS: usize, const RING: usize> Relay<M, STREAMS, R
             .map(|(slot, _)| slot)
     }
 
-    /// Encodes the next control frame owed by native stream `slot`: credit, started, error, close.
+    /// Encodes the next control frame owed by native stream `slot`: credit, then for a TCP
+    /// tunnel its close ([`transmit_native_tcp_close`](Self::transmit_native_tcp_close)), for a
+    /// WebSocket stream started, error, close.
     pub(super) fn transmit_native_control(
         &mut self,
         slot: Slot,
@@ -239,6 +245,9 @@ impl<M: PayloadBuf, const STREAMS: usize, const RING: usize> Relay<M, STREAMS, R
         let upstream_open = entry.value.upstream_alive && entry.state() != StreamState::Closing;
         if let Some(n) = entry.value.pipe.take_grant(upstream_open, buf)? {
             return Ok(Some(n));
+        }
+        if entry.value.is_tcp() {
+            return self.transmit_native_tcp_close(slot, buf);
         }
         let d = &entry.value;
         let wire = d.pipe.wire;

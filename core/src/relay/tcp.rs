@@ -511,23 +511,19 @@ impl<M: PayloadBuf, const STREAMS: usize, const RING: usize> Relay<M, STREAMS, R
 }
 
 impl<M: PayloadBuf, const STREAMS: usize, const RING: usize> Relay<M, STREAMS, RING> {
-    /// The native frame owed for tunnel `slot` on a `native_tcp` session, if any: credit while
-    /// the socket takes bytes, else the close. A failed dial and every close are one native
+    /// The native close owed for tunnel `slot` on a `native_tcp` session, if any (after its
+    /// credit, see `transmit_native_control`). A failed dial and every close are one native
     /// `close` frame: code 1000 for `service_closed`, 1002 for `protocol_error`, 1011 otherwise,
     /// the reason being the compat `reason`, then `: error` when there is one (what the control
     /// plane makes of a compat `tcp_tunnel_close`).
-    pub(super) fn transmit_native_tcp_control(
+    pub(super) fn transmit_native_tcp_close(
         &mut self,
         slot: Slot,
         buf: &mut [u8],
     ) -> Result<Option<usize>, TransmitError> {
-        let Some(entry) = self.streams.at_mut(slot) else {
+        let Some(entry) = self.streams.at(slot) else {
             return Ok(None);
         };
-        let open = entry.value.upstream_alive && entry.state() != StreamState::Closing;
-        if let Some(n) = entry.value.pipe.take_grant(open, buf)? {
-            return Ok(Some(n));
-        }
         let d = &entry.value;
         let Kind::Tcp(tcp) = &d.kind else {
             return Ok(None);
