@@ -16,7 +16,6 @@ use hyper::body::{Frame, Incoming};
 use hyper_util::rt::TokioIo;
 use tether_core::relay::{Close, Message, MessageKind};
 use tokio::io::AsyncWriteExt as _;
-use tokio::sync::mpsc;
 use tokio_tungstenite::WebSocketStream;
 use tokio_tungstenite::tungstenite::Message as WsMessage;
 use tokio_tungstenite::tungstenite::handshake::derive_accept_key;
@@ -24,9 +23,8 @@ use tokio_tungstenite::tungstenite::protocol::frame::coding::CloseCode;
 use tokio_tungstenite::tungstenite::protocol::{CloseFrame, Role, WebSocketConfig};
 
 use super::access::{self, Identity};
-use super::link::{
-    CLIENT_WINDOW, Cmd, Link, OpenRequest, OpenStream, Shared, StreamGuard, ToClient,
-};
+use super::driver::{Port, Refused, StreamGuard};
+use super::link::{OpenRequest, OpenStream, ToClient};
 use super::metrics::Metrics;
 use super::status::status_response;
 use super::{Body, State};
@@ -127,7 +125,7 @@ pub(crate) async fn handle(
             );
         }
     };
-    let Some(cmd) = state.tunnels.get(cluster) else {
+    let Some(driver) = state.tunnels.get(cluster) else {
         state.metrics.refused.fetch_add(1, Ordering::Relaxed);
         tracing::info!(cluster, user, "no agent connected");
         return status_response(
@@ -142,17 +140,6 @@ pub(crate) async fn handle(
         .iter()
         .map(|(n, v)| (n.as_str().as_bytes().to_vec(), v.as_bytes().to_vec()))
         .collect();
-    let (tx, rx) = mpsc::unbounded_channel();
-    let shared = Shared::new();
-    let link = Link {
-        tx,
-        shared: shared.clone(),
-    };
-    let guard = StreamGuard {
-        id: id.clone(),
-        cmd: cmd.clone(),
-        close: None,
-    };
     let websocket_upgrade = is_websocket_upgrade(req.headers());
     let raw_upgrade = raw_upgrade_token(req.headers());
     let kind = if websocket_upgrade || raw_upgrade.is_some() {
@@ -181,16 +168,10 @@ pub(crate) async fn handle(
             upgrade: Some((method.as_str().to_string(), token.clone())),
             user,
             groups,
-            link,
         };
-        if let Some(refused) = send_open(&cmd, Cmd::OpenStream(open), cluster) {
-            return refused;
-        }
-        let stream = ClientStream {
-            rx,
-            shared,
-            guard,
-            life,
+        let stream = match driver.open_stream(open) {
+            Ok(port) => ClientStream::new(port, life),
+            Err(refused) => return refuse(&state.metrics, refused),
         };
         return raw(stream, &state.metrics, token, method, on_upgrade).await;
     }
@@ -215,16 +196,10 @@ pub(crate) async fn handle(
             upgrade: None,
             user,
             groups,
-            link,
         };
-        if let Some(refused) = send_open(&cmd, Cmd::OpenStream(open), cluster) {
-            return refused;
-        }
-        let stream = ClientStream {
-            rx,
-            shared,
-            guard,
-            life,
+        let stream = match driver.open_stream(open) {
+            Ok(port) => ClientStream::new(port, life),
+            Err(refused) => return refuse(&state.metrics, refused),
         };
         websocket(stream, &state.metrics, key, on_upgrade).await
     } else {
@@ -244,38 +219,39 @@ pub(crate) async fn handle(
             user,
             groups,
             body,
-            link,
         };
-        if let Some(refused) = send_open(&cmd, Cmd::OpenRequest(open), cluster) {
-            return refused;
-        }
-        let stream = ClientStream {
-            rx,
-            shared,
-            guard,
-            life,
+        let stream = match driver.open_request(open) {
+            Ok(port) => ClientStream::new(port, life),
+            Err(refused) => return refuse(&state.metrics, refused),
         };
         request(stream, &state.metrics, method).await
     }
 }
 
-/// Hands `open` to the cluster's tunnel task; `Some` 502 for the client when that task is gone.
-fn send_open(cmd: &mpsc::UnboundedSender<Cmd>, open: Cmd, cluster: &str) -> Option<Response<Body>> {
-    cmd.send(open).is_err().then(|| {
-        status_response(
-            502,
-            &format!("the agent of cluster \"{cluster}\" went away"),
-        )
-    })
+/// The answer to a stream the tunnel's gateway would not open.
+fn refuse(metrics: &Metrics, refused: Refused) -> Response<Body> {
+    metrics.stream_failed(refused.status);
+    status_response(refused.status, &refused.message)
 }
 
-/// One client stream handed to the tunnel task: its channel ends, the guard that frees it, and its
-/// `tether_streams_active` count.
+/// One client stream the tunnel opened: the guard whose port carries it (and frees it when
+/// dropped), and its `tether_streams_active` count.
 struct ClientStream {
-    rx: mpsc::UnboundedReceiver<ToClient>,
-    shared: Arc<Shared>,
     guard: StreamGuard,
     life: Live,
+}
+
+impl ClientStream {
+    fn new(port: Port, life: Live) -> Self {
+        Self {
+            guard: StreamGuard { port, close: None },
+            life,
+        }
+    }
+
+    fn port(&self) -> &Port {
+        &self.guard.port
+    }
 }
 
 /// What a client stream holds while it lives: its `tether_streams_active` count (its duration is
@@ -293,13 +269,7 @@ async fn websocket(
     key: HeaderValue,
     on_upgrade: hyper::upgrade::OnUpgrade,
 ) -> Response<Body> {
-    let ClientStream {
-        mut rx,
-        shared,
-        guard,
-        life,
-    } = stream;
-    let subprotocol = match rx.recv().await {
+    let subprotocol = match stream.port().recv().await {
         Some(ToClient::Started { subprotocol }) => subprotocol,
         Some(ToClient::Failed { status, message }) => {
             metrics.stream_failed(status);
@@ -307,6 +277,7 @@ async fn websocket(
         }
         _ => return status_response(502, "the agent tunnel went away"),
     };
+    let ClientStream { guard, life } = stream;
     let mut response = Response::new(super::status::full(Bytes::new()));
     *response.status_mut() = StatusCode::SWITCHING_PROTOCOLS;
     let h = response.headers_mut();
@@ -336,29 +307,23 @@ async fn websocket(
                     Some(config),
                 )
                 .await;
-                relay_websocket(ws, rx, shared, guard).await;
+                relay_websocket(ws, guard).await;
             }
-            Err(e) => tracing::warn!(stream = %guard.id, error = %e, "client upgrade failed"),
+            Err(e) => {
+                tracing::warn!(stream = %guard.port.id(), error = %e, "client upgrade failed")
+            }
         }
     });
     response
 }
 
 /// Moves messages between the client WebSocket and the tunnel task until either side ends.
-async fn relay_websocket<S>(
-    ws: WebSocketStream<S>,
-    mut rx: mpsc::UnboundedReceiver<ToClient>,
-    shared: Arc<Shared>,
-    mut guard: StreamGuard,
-) where
+async fn relay_websocket<S>(ws: WebSocketStream<S>, mut guard: StreamGuard)
+where
     S: tokio::io::AsyncRead + tokio::io::AsyncWrite + Unpin,
 {
     let (mut sink, mut stream) = ws.split();
-    let id = guard.id.clone();
-    let cmd = guard.cmd.clone();
-    let reader_shared = shared.clone();
-    let reader_cmd = cmd.clone();
-    let reader_id = id.clone();
+    let port = &guard.port;
     // Client -> agent. Returns the client's close, `None` when it went away without one.
     let reader = async move {
         while let Some(message) = stream.next().await {
@@ -375,29 +340,17 @@ async fn relay_websocket<S>(
                 Ok(_) => continue,
                 Err(_) => return None,
             };
-            let Ok(permit) = reader_shared.to_agent.acquire().await else {
-                return None;
-            };
-            permit.forget();
-            let message = Message {
+            port.send(Message {
                 kind,
                 payload: Buf(payload),
-            };
-            if reader_cmd
-                .send(Cmd::Message {
-                    id: reader_id.clone(),
-                    message,
-                })
-                .is_err()
-            {
-                return None;
-            }
+            })
+            .await;
         }
         None
     };
     // Agent -> client. Returns when the agent side ended (a close was sent to the client).
-    let writer = async move {
-        while let Some(item) = rx.recv().await {
+    let writer = async {
+        while let Some(item) = port.recv().await {
             match item {
                 ToClient::Data(message) => {
                     let ws_message = match message.kind {
@@ -411,9 +364,6 @@ async fn relay_websocket<S>(
                     };
                     if sink.send(ws_message).await.is_err() {
                         return;
-                    }
-                    if shared.to_client_inflight.fetch_sub(1, Ordering::AcqRel) == CLIENT_WINDOW {
-                        let _ = cmd.send(Cmd::Writable { id: id.clone() });
                     }
                 }
                 ToClient::Closed(close) => {
@@ -432,15 +382,15 @@ async fn relay_websocket<S>(
     };
     let mut reader = std::pin::pin!(reader);
     let mut writer = std::pin::pin!(writer);
-    tokio::select! {
-        close = &mut reader => {
-            guard.close = Some(close.unwrap_or_else(|| Close::new(1001, "client went away")));
-        }
+    let close = tokio::select! {
+        close = &mut reader => Some(close.unwrap_or_else(|| Close::new(1001, "client went away"))),
         () = &mut writer => {
             // Let the client answer our close; its answer (or silence) ends the stream.
             let _ = tokio::time::timeout(CLOSE_GRACE, &mut reader).await;
+            None
         }
-    }
+    };
+    guard.close = close;
 }
 
 /// The close frame that tells the client `close`: the upstream's own code when it may travel on the
@@ -469,13 +419,7 @@ async fn raw(
     method: Method,
     on_upgrade: hyper::upgrade::OnUpgrade,
 ) -> Response<Body> {
-    let ClientStream {
-        mut rx,
-        shared,
-        guard,
-        life,
-    } = stream;
-    let subprotocol = match rx.recv().await {
+    let subprotocol = match stream.port().recv().await {
         Some(ToClient::Started { subprotocol }) => subprotocol,
         Some(ToClient::Failed { status, message }) => {
             metrics.stream_failed(status);
@@ -486,16 +430,11 @@ async fn raw(
             headers,
             gzip,
         }) => {
-            let stream = ClientStream {
-                rx,
-                shared,
-                guard,
-                life,
-            };
             return head_response(stream, method, status, headers, gzip);
         }
         _ => return status_response(502, "the agent tunnel went away"),
     };
+    let ClientStream { guard, life } = stream;
     let mut response = Response::new(super::status::full(Bytes::new()));
     *response.status_mut() = StatusCode::SWITCHING_PROTOCOLS;
     let h = response.headers_mut();
@@ -513,8 +452,10 @@ async fn raw(
     tokio::spawn(async move {
         let _life = life;
         match on_upgrade.await {
-            Ok(upgraded) => relay_raw(TokioIo::new(upgraded), rx, shared, guard).await,
-            Err(e) => tracing::warn!(stream = %guard.id, error = %e, "client upgrade failed"),
+            Ok(upgraded) => relay_raw(TokioIo::new(upgraded), guard).await,
+            Err(e) => {
+                tracing::warn!(stream = %guard.port.id(), error = %e, "client upgrade failed")
+            }
         }
     });
     response
@@ -524,20 +465,13 @@ async fn raw(
 /// ends. The client ending its connection closes the stream with 1000; the agent's close ends
 /// the client's connection once every byte before it was written (an abnormal close is logged:
 /// a byte pipe cannot tell the client why).
-async fn relay_raw<S>(
-    io: S,
-    mut rx: mpsc::UnboundedReceiver<ToClient>,
-    shared: Arc<Shared>,
-    mut guard: StreamGuard,
-) where
+async fn relay_raw<S>(io: S, mut guard: StreamGuard)
+where
     S: tokio::io::AsyncRead + tokio::io::AsyncWrite + Unpin,
 {
     let (mut rd, mut wr) = tokio::io::split(io);
-    let id = guard.id.clone();
-    let cmd = guard.cmd.clone();
-    let reader_shared = shared.clone();
-    let reader_cmd = cmd.clone();
-    let reader_id = id.clone();
+    let port = &guard.port;
+    let id = port.id();
     // Client -> agent. Returns the client's end: 1000 at end of stream, `None` on an error.
     let reader = async move {
         loop {
@@ -546,37 +480,23 @@ async fn relay_raw<S>(
                 Ok(None) => return Some(Close::new(1000, "")),
                 Err(_) => return None,
             };
-            let Ok(permit) = reader_shared.to_agent.acquire().await else {
-                return None;
-            };
-            permit.forget();
-            let message = Message {
+            port.send(Message {
                 kind: MessageKind::Binary,
                 payload: Buf(payload),
-            };
-            let sent = reader_cmd.send(Cmd::Message {
-                id: reader_id.clone(),
-                message,
-            });
-            if sent.is_err() {
-                return None;
-            }
+            })
+            .await;
         }
     };
     // Agent -> client. Returns when the agent side ended (the client's write half is shut).
-    let writer = async move {
-        while let Some(item) = rx.recv().await {
+    let writer = async {
+        while let Some(item) = port.recv().await {
             match item {
-                ToClient::Data(message) => {
+                ToClient::Data(message)
                     if crate::byte_pipe::write_chunk(&mut wr, &message.payload.0)
                         .await
-                        .is_err()
-                    {
-                        return;
-                    }
-                    if shared.to_client_inflight.fetch_sub(1, Ordering::AcqRel) == CLIENT_WINDOW {
-                        let _ = cmd.send(Cmd::Writable { id: id.clone() });
-                    }
+                        .is_err() =>
+                {
+                    return;
                 }
                 ToClient::Closed(close) => {
                     if close.code != 1000 {
@@ -593,26 +513,20 @@ async fn relay_raw<S>(
     };
     let mut reader = std::pin::pin!(reader);
     let mut writer = std::pin::pin!(writer);
-    tokio::select! {
-        close = &mut reader => {
-            guard.close = Some(close.unwrap_or_else(|| Close::new(1001, "client went away")));
-        }
+    let close = tokio::select! {
+        close = &mut reader => Some(close.unwrap_or_else(|| Close::new(1001, "client went away"))),
         () = &mut writer => {
             // The client ends its side after ours; its end (or silence) ends the stream.
             let _ = tokio::time::timeout(CLOSE_GRACE, &mut reader).await;
+            None
         }
-    }
+    };
+    guard.close = close;
 }
 
 /// Waits for the agent's response head, then streams the body (chunked) to the client.
 async fn request(stream: ClientStream, metrics: &Metrics, method: Method) -> Response<Body> {
-    let ClientStream {
-        mut rx,
-        shared,
-        guard,
-        life,
-    } = stream;
-    let (status, headers, gzip) = match rx.recv().await {
+    let (status, headers, gzip) = match stream.port().recv().await {
         Some(ToClient::Head {
             status,
             headers,
@@ -623,12 +537,6 @@ async fn request(stream: ClientStream, metrics: &Metrics, method: Method) -> Res
             return status_response(status, &message);
         }
         _ => return status_response(502, "the agent tunnel went away"),
-    };
-    let stream = ClientStream {
-        rx,
-        shared,
-        guard,
-        life,
     };
     head_response(stream, method, status, headers, gzip)
 }
@@ -641,18 +549,11 @@ fn head_response(
     headers: Vec<(http::HeaderName, HeaderValue)>,
     gzip: bool,
 ) -> Response<Body> {
-    let ClientStream {
-        rx,
-        shared,
-        guard,
-        life,
-    } = stream;
+    let ClientStream { guard, life } = stream;
     let Ok(status) = StatusCode::from_u16(status) else {
         return status_response(502, "the agent reported an invalid status");
     };
     let body = ResponseStream {
-        rx,
-        shared,
         guard,
         _life: life,
         done: false,
@@ -674,10 +575,9 @@ fn head_response(
     response
 }
 
-/// A response body fed by the tunnel task; ends the stream (cancels the request) when dropped early.
+/// A response body popped from the stream's ring as hyper takes it; ends the stream (cancels the
+/// request) when dropped early.
 struct ResponseStream {
-    rx: mpsc::UnboundedReceiver<ToClient>,
-    shared: Arc<Shared>,
     guard: StreamGuard,
     /// The request counts as live until its body is done with.
     _life: Live,
@@ -692,18 +592,9 @@ impl futures_util::Stream for ResponseStream {
             return Poll::Ready(None);
         }
         loop {
-            return match self.rx.poll_recv(cx) {
+            return match self.guard.port.poll_recv(cx) {
                 Poll::Pending => Poll::Pending,
                 Poll::Ready(Some(ToClient::Data(message))) => {
-                    if self
-                        .shared
-                        .to_client_inflight
-                        .fetch_sub(1, Ordering::AcqRel)
-                        == CLIENT_WINDOW
-                    {
-                        let id = self.guard.id.clone();
-                        let _ = self.guard.cmd.send(Cmd::Writable { id });
-                    }
                     if message.payload.0.is_empty() {
                         continue;
                     }

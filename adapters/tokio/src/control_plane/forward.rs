@@ -3,9 +3,9 @@
 //! here; the protocol is the gateway's ([`tether_core::gateway::Gateway::open_tcp`]).
 //!
 //! * No tunnel for the cluster: the connection is closed at once (one log line).
-//! * Bytes read go to the tunnel task as messages holding a credit each; a full gateway ring holds
-//!   the credits back, so the socket is not read until it drains (nothing is dropped).
-//! * Bytes for the socket come back within the per-stream window and are written in order.
+//! * Bytes read go straight into the stream's ring in the gateway; while it is full the socket is
+//!   not read (nothing is dropped, and no other stream waits).
+//! * Bytes for the socket are popped from the stream's ring as the socket takes them, in order.
 //! * Socket EOF: `tcp_tunnel_close {reason: "client_closed"}`; a read error: `client_error`.
 //! * The agent's `tcp_tunnel_close`: the bytes before it are written, then the socket is shut
 //!   down; a dial failure or any other error is logged with the tunnel id.
@@ -20,10 +20,10 @@ use bytes::BytesMut;
 use tether_core::relay::{Close, Message, MessageKind};
 use tokio::io::{AsyncReadExt as _, AsyncWriteExt as _};
 use tokio::net::{TcpListener, TcpStream};
-use tokio::sync::mpsc;
 
 use super::State;
-use super::link::{CLIENT_WINDOW, Cmd, Link, OpenTcp, Shared, StreamGuard, ToClient};
+use super::driver::StreamGuard;
+use super::link::{OpenTcp, ToClient};
 use crate::agent::metrics::StreamKind;
 use crate::buf::Buf;
 
@@ -124,47 +124,33 @@ pub(crate) async fn serve(listener: TcpListener, fwd: Arc<Forward>, state: Arc<S
     }
 }
 
-/// What ended the socket -> tunnel direction.
-enum ReadEnd {
-    /// EOF or a read error: tell the agent.
-    Client(Close),
-    /// The tunnel task went away.
-    Tunnel,
-}
-
 /// Carries one accepted connection through the cluster's tunnel.
 async fn carry(tcp: TcpStream, peer: SocketAddr, fwd: Arc<Forward>, state: Arc<State>) {
-    let Some(cmd) = state.tunnels.get(&fwd.cluster) else {
+    let Some(driver) = state.tunnels.get(&fwd.cluster) else {
         state.metrics.refused.fetch_add(1, Ordering::Relaxed);
         tracing::warn!(forward = %fwd, %peer, "no tunnel for cluster {}; connection closed", fwd.cluster);
         return;
     };
     let id = format!("fw-{}", state.next_id.fetch_add(1, Ordering::Relaxed));
-    let (tx, mut rx) = mpsc::unbounded_channel();
-    let shared = Shared::new();
-    let link = Link {
-        tx,
-        shared: shared.clone(),
-    };
     let open = OpenTcp {
         id: id.clone(),
         host: fwd.host.clone(),
         port: fwd.port,
         client_addr: peer.to_string(),
-        link,
-    };
-    if cmd.send(Cmd::OpenTcp(open)).is_err() {
-        tracing::warn!(forward = %fwd, %peer, "the tunnel of cluster {} went away; connection closed", fwd.cluster);
-        return;
-    }
-    let mut guard = StreamGuard {
-        id: id.clone(),
-        cmd: cmd.clone(),
-        close: None,
     };
     // Live (`tether_streams_active{kind="tcp"}`) until this task ends.
     let _life = state.metrics.stream_life(StreamKind::Tcp);
-    match rx.recv().await {
+    let (port, piece) = match driver.open_tcp(open) {
+        Ok(opened) => opened,
+        Err(refused) => {
+            state.metrics.stream_failed(refused.status);
+            tracing::warn!(tunnel = %id, forward = %fwd, %peer, "forward refused: {}", refused.message);
+            return;
+        }
+    };
+    let mut guard = StreamGuard { port, close: None };
+    let port = &guard.port;
+    match port.recv().await {
         Some(ToClient::Started { .. }) => {}
         Some(ToClient::Failed { status, message }) => {
             state.metrics.stream_failed(status);
@@ -177,56 +163,35 @@ async fn carry(tcp: TcpStream, peer: SocketAddr, fwd: Arc<Forward>, state: Arc<S
         }
     }
     let (mut r, mut w) = tcp.into_split();
-    let reader_id = id.clone();
-    let reader_cmd = cmd.clone();
-    let reader_shared = shared.clone();
-    // Socket -> tunnel.
+    // Socket -> tunnel: returns the client's end (EOF or a read error) for the agent.
     // Bytes per tunnel message: what the agent takes whole (see `Gateway::tcp_piece_len`), at
     // most one byte-pipe read.
-    let read_len = shared
-        .tcp_read
-        .load(Ordering::Relaxed)
-        .min(crate::byte_pipe::READ_CHUNK);
-    let reader = async move {
+    let read_len = piece.min(crate::byte_pipe::READ_CHUNK);
+    let reader = async {
         loop {
-            let Ok(permit) = reader_shared.to_agent.acquire().await else {
-                return ReadEnd::Tunnel;
-            };
             let mut buf = BytesMut::with_capacity(read_len);
             match r.read_buf(&mut buf).await {
-                Ok(0) => return ReadEnd::Client(Close::new(1000, "")),
+                Ok(0) => return Close::new(1000, ""),
                 Ok(_) => {}
-                Err(e) => return ReadEnd::Client(Close::new(1011, &e.to_string())),
+                Err(e) => return Close::new(1011, &e.to_string()),
             }
-            permit.forget();
-            let message = Message {
+            port.send(Message {
                 kind: MessageKind::Binary,
                 payload: Buf(buf.freeze()),
-            };
-            let sent = reader_cmd.send(Cmd::Message {
-                id: reader_id.clone(),
-                message,
-            });
-            if sent.is_err() {
-                return ReadEnd::Tunnel;
-            }
+            })
+            .await;
         }
     };
     // Tunnel -> socket. Returns once the agent's side ended (or the tunnel went away).
     let writer_id = id.clone();
     let writer_fwd = fwd.clone();
-    let writer = async move {
-        while let Some(item) = rx.recv().await {
+    let writer = async {
+        while let Some(item) = port.recv().await {
             match item {
                 ToClient::Data(message) => {
                     if let Err(e) = w.write_all(&message.payload.0).await {
                         tracing::info!(tunnel = %writer_id, error = %e, "forwarded socket write failed");
                         return Some(Close::new(1011, &e.to_string()));
-                    }
-                    if shared.to_client_inflight.fetch_sub(1, Ordering::AcqRel) == CLIENT_WINDOW {
-                        let _ = cmd.send(Cmd::Writable {
-                            id: writer_id.clone(),
-                        });
                     }
                 }
                 ToClient::Closed(close) => {
@@ -244,18 +209,15 @@ async fn carry(tcp: TcpStream, peer: SocketAddr, fwd: Arc<Forward>, state: Arc<S
         tracing::warn!(tunnel = %writer_id, forward = %writer_fwd, "the tunnel went away; forward closed");
         None
     };
-    tokio::select! {
-        end = reader => {
-            if let ReadEnd::Client(close) = end {
-                if close.code != 1000 {
-                    tracing::info!(tunnel = %id, error = %close.reason, "forwarded socket read failed");
-                }
-                guard.close = Some(close);
+    let close = tokio::select! {
+        close = reader => {
+            if close.code != 1000 {
+                tracing::info!(tunnel = %id, error = %close.reason, "forwarded socket read failed");
             }
+            Some(close)
         }
-        close = writer => {
-            // The agent's side ended (its close needs no answer), or our write failed.
-            guard.close = close;
-        }
-    }
+        // The agent's side ended (its close needs no answer), or our write failed.
+        close = writer => close,
+    };
+    guard.close = close;
 }

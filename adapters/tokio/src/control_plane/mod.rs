@@ -27,6 +27,7 @@
 
 mod access;
 mod client;
+mod driver;
 pub mod fleet;
 mod forward;
 pub mod kubeconfig;
@@ -180,6 +181,7 @@ pub(crate) struct Tunnels {
 struct Registered {
     generation: u64,
     tx: mpsc::UnboundedSender<Cmd>,
+    driver: Arc<driver::Driver>,
     draining: bool,
 }
 
@@ -190,8 +192,8 @@ impl Tunnels {
             .unwrap_or_else(std::sync::PoisonError::into_inner)
     }
 
-    /// The command channel of the tunnel a new stream of `cluster` should take.
-    pub(crate) fn get(&self, cluster: &str) -> Option<mpsc::UnboundedSender<Cmd>> {
+    /// The driver of the tunnel a new stream of `cluster` should take.
+    pub(crate) fn get(&self, cluster: &str) -> Option<Arc<driver::Driver>> {
         let tunnels = self.lock();
         let live = tunnels.get(cluster)?.iter().filter(|t| !t.tx.is_closed());
         // Generations grow: the newest is the highest.
@@ -201,17 +203,24 @@ impl Tunnels {
             .max_by_key(|t| t.generation);
         newest_open
             .or_else(|| live.max_by_key(|t| t.generation))
-            .map(|t| t.tx.clone())
+            .map(|t| t.driver.clone())
     }
 
     /// Adds `generation` as a registered tunnel of `cluster`; the cluster's other tunnels stay.
-    pub(crate) fn insert(&self, cluster: &str, generation: u64, tx: mpsc::UnboundedSender<Cmd>) {
+    pub(crate) fn insert(
+        &self,
+        cluster: &str,
+        generation: u64,
+        tx: mpsc::UnboundedSender<Cmd>,
+        driver: Arc<driver::Driver>,
+    ) {
         let mut tunnels = self.lock();
         let list = tunnels.entry(cluster.to_string()).or_default();
         list.retain(|t| !t.tx.is_closed());
         list.push(Registered {
             generation,
             tx,
+            driver,
             draining: false,
         });
     }
