@@ -366,6 +366,7 @@ impl Driver {
     /// what the scheduler picks.
     pub(crate) fn next_out(&self) -> Next {
         let mut core = self.lock();
+        core.writer_idle = false;
         let next = core.next_out(&self.ctx);
         core.settle(&self.ctx);
         // Marked after the settle: only a later change wakes the writer again.
@@ -539,9 +540,16 @@ impl Core {
         }
     }
 
+    /// Queues `item` (if any) for the port of `id` and wakes its reader; a terminal item also
+    /// wakes a sender waiting for room (its stream takes nothing more).
     fn notify_port(&mut self, id: &str, item: Option<ToClient>) {
         if let Some(port) = self.ports.get_mut(id) {
             if let Some(item) = item {
+                if !item.is_start()
+                    && let Some(waker) = port.send.take()
+                {
+                    self.wakers.push(waker);
+                }
                 port.notices.push_back(item);
             }
             if let Some(waker) = port.recv.take() {
@@ -754,6 +762,9 @@ impl Core {
             self.lost = true;
             let now = self.now();
             self.gw.handle_tunnel_lost(now, reason);
+            // Nothing more goes toward the agent: no sender waits for room.
+            let senders = self.ports.values_mut().filter_map(|p| p.send.take());
+            self.wakers.extend(senders);
         }
     }
 
