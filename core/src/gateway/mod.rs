@@ -1567,11 +1567,20 @@ impl<M: PayloadBuf, const STREAMS: usize, const RING: usize> Gateway<M, STREAMS,
 
     fn stream_event(&mut self, slot: Slot) -> Option<Event> {
         let entry = self.streams.at_mut(slot)?;
-        let stream = entry.id().clone();
-        let d = &mut entry.value;
-        if !d.client_alive {
+        let d = &entry.value;
+        // Checked before the id is copied: `poll_event` asks every stream once per drain, and
+        // most have nothing to say.
+        let owes = d.client_alive
+            && (d.owe_started.is_some()
+                || d.owe_failed.is_some()
+                || (d.pipe.owe_readable && !d.pipe.to_local.is_empty())
+                || (d.pipe.to_local.is_empty() && d.owe_client_end.is_some())
+                || d.pipe.flow.is_some());
+        if !owes {
             return None;
         }
+        let stream = entry.id().clone();
+        let d = &mut entry.value;
         if let Some(subprotocol) = d.owe_started.take() {
             return Some(Event::Started {
                 stream,
