@@ -75,10 +75,10 @@ pub(crate) struct Refused {
 }
 
 impl Refused {
-    fn gone() -> Self {
+    fn gone(cluster: &str) -> Self {
         Self {
             status: 502,
-            message: "the agent tunnel went away".to_string(),
+            message: format!("the agent of cluster \"{cluster}\" went away"),
         }
     }
 
@@ -166,6 +166,8 @@ pub(crate) struct Core {
     /// Streams of this tunnel counted in the `streams_active` gauge.
     counted_streams: i64,
     last_stats: Stats,
+    /// `(registered, paused)` as last given to `observe_tunnel`.
+    observed: Option<(bool, bool)>,
     rings: RingSampler,
 }
 
@@ -189,7 +191,8 @@ impl std::fmt::Debug for Driver {
 }
 
 impl Driver {
-    /// The driver of a new tunnel of `cluster`, offering the native wire mode per `wire_mode`.
+    /// The driver of a new tunnel of `cluster`, offering the native wire mode per the control
+    /// plane's `--wire-mode`.
     pub(crate) fn new(cluster: String, generation: u64, state: Arc<State>) -> Arc<Self> {
         let defaults = Config::default();
         let config = Config {
@@ -219,6 +222,7 @@ impl Driver {
             scratch: vec![0; IDLE_BUFFER],
             counted_streams: 0,
             last_stats: Stats::default(),
+            observed: None,
             rings: RingSampler::default(),
         };
         Arc::new(Self {
@@ -406,11 +410,7 @@ impl Driver {
             };
             return self.open_request(request);
         }
-        let headers: Vec<(&[u8], &[u8])> = open
-            .headers
-            .iter()
-            .map(|(n, v)| (n.as_slice(), v.as_slice()))
-            .collect();
+        let headers = borrowed(&open.headers);
         let groups: Vec<&str> = open.groups.iter().map(String::as_str).collect();
         let req = StreamRequest {
             id: &open.id,
@@ -422,26 +422,19 @@ impl Driver {
             user: Some(&open.user),
             groups: &groups,
         };
-        let opened = self.with(|core, ctx| {
-            core.admit(|core| {
-                let now = core.now();
-                core.gw.open_stream(now, unix(), &req, &mut core.scratch)
+        self.with(|core, ctx| {
+            core.open(ctx, &open.id, |gw, now, unix, scratch| {
+                gw.open_stream(now, unix, &req, scratch)
             })
-            .inspect(|()| core.add_port(&open.id))
-            .inspect_err(|e| tracing::warn!(cluster = %ctx.cluster, stream = %open.id, error = %e.message, "stream refused"))
-        });
-        opened?;
+        })
+        .inspect_err(|e| tracing::warn!(cluster = %self.ctx.cluster, stream = %open.id, error = %e.message, "stream refused"))?;
         tracing::info!(cluster = %self.ctx.cluster, stream = %open.id, user = %open.user, path = %open.path, "stream opened");
         Ok(self.port(open.id))
     }
 
     /// Forwards an HTTP request whose body is `open.body`.
     pub(crate) fn open_request(self: &Arc<Self>, open: OpenRequest) -> Result<Port, Refused> {
-        let headers: Vec<(&[u8], &[u8])> = open
-            .headers
-            .iter()
-            .map(|(n, v)| (n.as_slice(), v.as_slice()))
-            .collect();
+        let headers = borrowed(&open.headers);
         let groups: Vec<&str> = open.groups.iter().map(String::as_str).collect();
         let req = HttpRequest {
             id: &open.id,
@@ -453,21 +446,18 @@ impl Driver {
             groups: &groups,
             body: &open.body,
         };
-        let opened = self.with(|core, ctx| {
+        self.with(|core, ctx| {
             let needed = core.gw.max_transmit_len().min(
                 tether_core::wire::b64::encoded_len(open.body.len()).saturating_add(64 * 1024),
             );
             if core.scratch.len() < needed {
                 core.scratch.resize(needed, 0);
             }
-            core.admit(|core| {
-                let now = core.now();
-                core.gw.open_request(now, unix(), &req, &mut core.scratch)
+            core.open(ctx, &open.id, |gw, now, unix, scratch| {
+                gw.open_request(now, unix, &req, scratch)
             })
-            .inspect(|()| core.add_port(&open.id))
-            .inspect_err(|e| tracing::warn!(cluster = %ctx.cluster, request = %open.id, error = %e.message, "request refused"))
-        });
-        opened?;
+        })
+        .inspect_err(|e| tracing::warn!(cluster = %self.ctx.cluster, request = %open.id, error = %e.message, "request refused"))?;
         tracing::debug!(cluster = %self.ctx.cluster, request = %open.id, user = %open.user, method = %open.method, path = %open.path, "request forwarded");
         Ok(self.port(open.id))
     }
@@ -480,17 +470,14 @@ impl Driver {
             port: open.port,
             client_addr: Some(&open.client_addr),
         };
-        let piece = self.with(|core, ctx| {
-            core.admit(|core| {
-                let now = core.now();
-                core.gw.open_tcp(now, unix(), &req, &mut core.scratch)
+        let piece = self
+            .with(|core, ctx| {
+                core.open(ctx, &open.id, |gw, now, unix, scratch| {
+                    gw.open_tcp(now, unix, &req, scratch)
+                })
+                .map(|()| core.gw.tcp_piece_len())
             })
-            .map(|()| {
-                core.add_port(&open.id);
-                core.gw.tcp_piece_len()
-            })
-            .inspect_err(|e| tracing::warn!(cluster = %ctx.cluster, tunnel = %open.id, error = %e.message, "tcp forward refused"))
-        })?;
+            .inspect_err(|e| tracing::warn!(cluster = %self.ctx.cluster, tunnel = %open.id, error = %e.message, "tcp forward refused"))?;
         tracing::info!(cluster = %self.ctx.cluster, tunnel = %open.id, client = %open.client_addr, target = %format!("{}:{}", open.host, open.port), "tcp forward opened");
         Ok((self.port(open.id), piece))
     }
@@ -508,20 +495,22 @@ impl Core {
         CoreInstant::from_micros(u64::try_from(self.base.elapsed().as_micros()).unwrap_or(u64::MAX))
     }
 
-    /// Runs an open on a live tunnel.
-    fn admit(
+    /// Runs one of the gateway's opens for stream `id` on a live tunnel (with `now`, the unix
+    /// time and the scratch buffer) and gives an opened stream its port.
+    fn open(
         &mut self,
-        open: impl FnOnce(&mut Self) -> Result<(), OpenError>,
+        ctx: &Ctx,
+        id: &str,
+        open: impl FnOnce(&mut Gw, CoreInstant, UnixTime, &mut [u8]) -> Result<(), OpenError>,
     ) -> Result<(), Refused> {
         if self.dead || self.lost {
-            return Err(Refused::gone());
+            return Err(Refused::gone(&ctx.cluster));
         }
-        open(self).map_err(|e| Refused::from_open(&e))
-    }
-
-    fn add_port(&mut self, id: &str) {
+        let now = self.now();
+        open(&mut self.gw, now, unix(), &mut self.scratch).map_err(|e| Refused::from_open(&e))?;
         self.ports.insert(id.to_string(), PortState::default());
         self.wake_writer = true;
+        Ok(())
     }
 
     /// Drains the gateway's events, routing each to the task it concerns, and catches the metrics
@@ -778,15 +767,21 @@ impl Core {
         m.streams_active
             .fetch_add(count - self.counted_streams, Ordering::Relaxed);
         self.counted_streams = count;
+        // The tunnel's view sits behind process-wide locks: taken only when it changed or the
+        // ring gauges are due, not on every message of every stream.
         let rings = self.rings.due();
-        m.observe_tunnel(
-            ctx.generation,
-            &ctx.cluster,
-            self.registered,
-            self.paused,
-            &self.gw,
-            rings,
-        );
+        let view = (self.registered, self.paused);
+        if rings || self.observed != Some(view) {
+            self.observed = Some(view);
+            m.observe_tunnel(
+                ctx.generation,
+                &ctx.cluster,
+                self.registered,
+                self.paused,
+                &self.gw,
+                rings,
+            );
+        }
     }
 }
 
@@ -820,6 +815,14 @@ fn response_headers(
         }
     }
     headers
+}
+
+/// `headers` as the gateway's requests take them.
+fn borrowed(headers: &[(Vec<u8>, Vec<u8>)]) -> Vec<(&[u8], &[u8])> {
+    headers
+        .iter()
+        .map(|(n, v)| (n.as_slice(), v.as_slice()))
+        .collect()
 }
 
 fn unix() -> UnixTime {

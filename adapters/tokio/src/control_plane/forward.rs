@@ -183,22 +183,20 @@ async fn carry(tcp: TcpStream, peer: SocketAddr, fwd: Arc<Forward>, state: Arc<S
         }
     };
     // Tunnel -> socket. Returns once the agent's side ended (or the tunnel went away).
-    let writer_id = id.clone();
-    let writer_fwd = fwd.clone();
     let writer = async {
         while let Some(item) = port.recv().await {
             match item {
                 ToClient::Data(message) => {
                     if let Err(e) = w.write_all(&message.payload.0).await {
-                        tracing::info!(tunnel = %writer_id, error = %e, "forwarded socket write failed");
+                        tracing::info!(tunnel = %id, error = %e, "forwarded socket write failed");
                         return Some(Close::new(1011, &e.to_string()));
                     }
                 }
                 ToClient::Closed(close) => {
                     if close.code == 1000 {
-                        tracing::info!(tunnel = %writer_id, forward = %writer_fwd, reason = %close.reason, "forward closed by the agent's side");
+                        tracing::info!(tunnel = %id, forward = %fwd, reason = %close.reason, "forward closed by the agent's side");
                     } else {
-                        tracing::warn!(tunnel = %writer_id, forward = %writer_fwd, reason = %close.reason, "forward closed: {}", close.reason);
+                        tracing::warn!(tunnel = %id, forward = %fwd, reason = %close.reason, "forward closed: {}", close.reason);
                     }
                     let _ = w.shutdown().await;
                     return None;
@@ -206,7 +204,7 @@ async fn carry(tcp: TcpStream, peer: SocketAddr, fwd: Arc<Forward>, state: Arc<S
                 _ => {}
             }
         }
-        tracing::warn!(tunnel = %writer_id, forward = %writer_fwd, "the tunnel went away; forward closed");
+        tracing::warn!(tunnel = %id, forward = %fwd, "the tunnel went away; forward closed");
         None
     };
     let close = tokio::select! {
