@@ -13,8 +13,6 @@ use hyper::body::{Body, Frame, SizeHint};
 use hyper_util::rt::TokioIo;
 use tokio::sync::mpsc;
 
-use super::session::FromTask;
-use super::upstream::StreamCtl;
 use crate::kube::{KubeTarget, headers};
 
 /// A request to send, owned (copied out of the tunnel message).
@@ -93,19 +91,51 @@ impl Drop for AbortOnDrop {
     }
 }
 
-/// Sends the request and reports `HttpHeader`, `HttpChunk`s, then `HttpEnd` (or `HttpFailed`).
+/// What a request task reports to the session, in order: `Header`, `Chunk`s, then `End` (or
+/// `Failed` at any point).
+#[derive(Debug)]
+pub(crate) enum FromHttp {
+    /// The HTTP response header.
+    Header {
+        id: String,
+        status: u16,
+        headers: Vec<(String, Vec<u8>)>,
+    },
+    /// A piece of the HTTP response body.
+    Chunk { id: String, data: Bytes },
+    /// The HTTP response is complete.
+    End { id: String },
+    /// The HTTP exchange failed.
+    Failed {
+        id: String,
+        status: u16,
+        message: String,
+    },
+}
+
+/// Stops and resumes a request task's reading of its response body (the control plane's credit
+/// for it is used up, or granted again).
+#[derive(Debug, Default)]
+pub(crate) struct BodyGate {
+    /// Do not read the response body.
+    pub(crate) paused: std::sync::atomic::AtomicBool,
+    /// Wakes the task when `paused` is cleared.
+    pub(crate) resume: tokio::sync::Notify,
+}
+
+/// Sends the request and reports `Header`, `Chunk`s, then `End` (or `Failed`).
 /// While `ctl.paused` (the control plane's credit for the body is used up) the body is not read.
 pub(crate) async fn run(
     target: Arc<KubeTarget>,
     spec: HttpSpec,
-    events: mpsc::Sender<FromTask>,
-    ctl: Arc<StreamCtl>,
+    events: mpsc::Sender<FromHttp>,
+    ctl: Arc<BodyGate>,
 ) {
     let id = spec.id.clone();
     let outcome = exchange(&target, spec, &events, &ctl).await;
     let event = match outcome {
-        Ok(()) => FromTask::HttpEnd { id },
-        Err((status, message)) => FromTask::HttpFailed {
+        Ok(()) => FromHttp::End { id },
+        Err((status, message)) => FromHttp::Failed {
             id,
             status,
             message,
@@ -147,8 +177,8 @@ where
 async fn exchange(
     target: &KubeTarget,
     spec: HttpSpec,
-    events: &mpsc::Sender<FromTask>,
-    ctl: &StreamCtl,
+    events: &mpsc::Sender<FromHttp>,
+    ctl: &BodyGate,
 ) -> Result<(), (u16, String)> {
     let mut uri = spec.path;
     if !spec.query.is_empty() {
@@ -183,7 +213,7 @@ async fn exchange(
         .map(|(n, v)| (n.as_str(), v.as_bytes()))
         .collect();
     let headers = headers::forward_response_headers(pairs.iter().copied());
-    let header = FromTask::HttpHeader {
+    let header = FromHttp::Header {
         id: spec.id.clone(),
         status: parts.status.as_u16(),
         headers,
@@ -203,7 +233,7 @@ async fn exchange(
         if let Ok(data) = frame.into_data()
             && !data.is_empty()
         {
-            let chunk = FromTask::HttpChunk {
+            let chunk = FromHttp::Chunk {
                 id: spec.id.clone(),
                 data,
             };

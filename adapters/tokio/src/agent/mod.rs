@@ -18,6 +18,8 @@
 //!   lets live ones finish within [`AgentConfig::shutdown_grace`], then closes what is left with
 //!   1001 and a clear reason, and exits. `/readyz` is 503 from the first moment.
 
+mod driver;
+mod exchanges;
 mod http;
 pub mod metrics;
 pub mod proxy;
@@ -299,7 +301,7 @@ impl Agent {
         let relay_config = config.relay;
         // The relay is large (every ring inline): build it on a thread with a big stack so no
         // copy of it ever sits on a tokio worker's stack.
-        let (mut relay, mut requests) = std::thread::Builder::new()
+        let (relay, requests) = std::thread::Builder::new()
             .stack_size(64 << 20)
             .spawn(move || {
                 (
@@ -316,9 +318,8 @@ impl Agent {
             allow_tcp: config.allow_tcp.clone(),
             epoch: tokio::time::Instant::now(),
         };
-        let mut scratch = vec![0u8; relay.config().max_message];
-        let mut txbuf = vec![0u8; relay.max_transmit_len()];
         let max_inbound = relay.config().max_message.saturating_mul(2);
+        let driver = driver::Driver::new(relay, requests, shared);
         let mut backoff = config.backoff.clone();
         let mut unauthorized_logged = false;
         match config.tunnel.proxy() {
@@ -352,21 +353,7 @@ impl Agent {
                     info!(url = target.url(), "tunnel connected");
                     let info =
                         SessionInfo::new(&config.agent_id, &config.name, env!("CARGO_PKG_VERSION"));
-                    let end = session::run(
-                        &mut relay,
-                        &mut requests,
-                        &shared,
-                        &mut scratch,
-                        &mut txbuf,
-                        ws,
-                        info,
-                        &mut drain,
-                    )
-                    .await;
-                    relay.handle_tunnel_lost(shared.now());
-                    while relay.poll_event().is_some() {}
-                    requests.handle_tunnel_lost();
-                    metrics.set_relay(relay.stats());
+                    let end = session::run(&driver, ws, info, &mut drain).await;
                     metrics.reconnects.fetch_add(1, Ordering::Relaxed);
                     metrics.session_ended(end.registered, session_failed(&end.reason));
                     if drain.requested() {

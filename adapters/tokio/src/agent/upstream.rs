@@ -1,10 +1,10 @@
-//! One task per relayed stream: dials the Kubernetes API (a WebSocket, or a raw upgrade such as
-//! SPDY/3.1 through [`raw_upgrade`](super::raw_upgrade)) and moves messages between its socket and
-//! the session task. No protocol decisions here: the relay (through the session) says when to stop
-//! reading, what to write and when to close.
+//! One task per relayed stream: dials the Kubernetes API (a WebSocket, a raw upgrade such as
+//! SPDY/3.1 through [`raw_upgrade`](super::raw_upgrade), or an allowed TCP target) and moves
+//! messages between its socket and the relay's rings through its [`Port`]. No protocol decisions
+//! here: the relay says (through the port) when a message must wait, what to write and when to
+//! close.
 
 use std::sync::Arc;
-use std::sync::atomic::{AtomicBool, Ordering};
 use std::time::Duration;
 
 use std::future::Future;
@@ -13,7 +13,6 @@ use bytes::Bytes;
 use futures_util::{SinkExt as _, StreamExt as _};
 use tether_core::relay::{MessageKind, RawUpgrade};
 use tokio::io::AsyncWriteExt as _;
-use tokio::sync::{Notify, mpsc};
 use tokio_tungstenite::WebSocketStream;
 use tokio_tungstenite::tungstenite::client::IntoClientRequest as _;
 use tokio_tungstenite::tungstenite::http::{HeaderName, HeaderValue};
@@ -21,9 +20,8 @@ use tokio_tungstenite::tungstenite::protocol::frame::coding::CloseCode;
 use tokio_tungstenite::tungstenite::protocol::{CloseFrame, WebSocketConfig};
 use tokio_tungstenite::tungstenite::{Error as WsError, Message, Utf8Bytes};
 
-use super::metrics::{Metrics, StreamKind, StreamLife};
+use super::driver::Port;
 use super::raw_upgrade::{self, Upgraded};
-use super::session::FromTask;
 use crate::kube::{KubeStream, KubeTarget, headers};
 
 /// How long the upstream may take to answer the WebSocket upgrade.
@@ -57,48 +55,17 @@ enum Upstream {
     Tcp(tokio::net::TcpStream),
 }
 
-/// Commands from the session to a stream task, in order.
+/// What a stream task's writing half does next, in order (see [`Port::recv`]).
 #[derive(Debug)]
 pub(crate) enum ToUpstream {
     /// Write this whole message.
     Message(MessageKind, Bytes),
-    /// Close with this code and reason, wait for the reply, report `Closed`.
+    /// Close with this code and reason, wait for the reply, report `closed`.
     Close(u16, String),
 }
 
-/// Flow flags shared between the session and a stream task.
-#[derive(Debug, Default)]
-pub(crate) struct StreamCtl {
-    /// The relay's ring toward the tunnel is full: do not read the upstream socket.
-    pub(crate) paused: AtomicBool,
-    /// Wakes the task when `paused` is cleared.
-    pub(crate) resume: Notify,
-    /// The session could not queue a message for this task: report `Drained` after the next write.
-    pub(crate) stalled: AtomicBool,
-    /// Counts the stream in `tether_streams_active` until both the session and the task let go.
-    _life: Option<StreamLife>,
-}
-
-impl StreamCtl {
-    /// Flags for a new stream, counted as a live stream of `kind` in `metrics` until dropped.
-    pub(crate) fn new(metrics: &Metrics, kind: StreamKind) -> Self {
-        Self {
-            _life: Some(metrics.stream_life(kind)),
-            ..Self::default()
-        }
-    }
-}
-
-/// Dials, then relays until either side closes. Every outcome is reported on `events`.
-pub(crate) async fn run(
-    target: Arc<KubeTarget>,
-    spec: StreamSpec,
-    mut commands: mpsc::Receiver<ToUpstream>,
-    ctl: Arc<StreamCtl>,
-    events: mpsc::Sender<FromTask>,
-    max_message: usize,
-) {
-    let id = spec.id.clone();
+/// Dials, then relays until either side closes. Every outcome is reported through `port`.
+pub(crate) async fn run(target: Arc<KubeTarget>, spec: StreamSpec, port: Port, max_message: usize) {
     let dialled = async {
         match (&spec.tcp, &spec.raw) {
             (Some((host, port)), _) => tokio::net::TcpStream::connect((host.as_str(), *port))
@@ -118,42 +85,25 @@ pub(crate) async fn run(
     };
     let upstream = match tokio::time::timeout(DIAL_TIMEOUT, dialled).await {
         Ok(Ok((upstream, subprotocol))) => {
-            let _ = events
-                .send(FromTask::Started {
-                    id: id.clone(),
-                    subprotocol,
-                })
-                .await;
+            port.started(subprotocol.as_deref());
             upstream
         }
         Ok(Err((status, message))) => {
-            let _ = events
-                .send(FromTask::Failed {
-                    id,
-                    status,
-                    message,
-                })
-                .await;
+            port.failed(status, &message);
             return;
         }
         Err(_) => {
             let message = format!("upstream dial timed out after {}s", DIAL_TIMEOUT.as_secs());
-            let _ = events
-                .send(FromTask::Failed {
-                    id,
-                    status: 504,
-                    message,
-                })
-                .await;
+            port.failed(504, &message);
             return;
         }
     };
     let (code, reason) = match upstream {
-        Upstream::WebSocket(ws) => relay(*ws, &id, &mut commands, &ctl, &events).await,
-        Upstream::Raw(io) => relay_raw(io, &id, &mut commands, &ctl, &events).await,
-        Upstream::Tcp(tcp) => relay_raw(tcp, &id, &mut commands, &ctl, &events).await,
+        Upstream::WebSocket(ws) => relay(*ws, &port).await,
+        Upstream::Raw(io) => relay_raw(io, &port).await,
+        Upstream::Tcp(tcp) => relay_raw(tcp, &port).await,
     };
-    let _ = events.send(FromTask::Closed { id, code, reason }).await;
+    port.closed(code, &reason);
 }
 
 /// How the writing half ended.
@@ -171,19 +121,11 @@ enum WriterEnd {
 /// Reading and writing run concurrently: a writer blocked on a slow upstream never stops the
 /// reader (an upstream that echoes, like `cat`, would otherwise deadlock once both TCP directions
 /// are full).
-async fn relay(
-    ws: WebSocketStream<KubeStream>,
-    id: &str,
-    commands: &mut mpsc::Receiver<ToUpstream>,
-    ctl: &StreamCtl,
-    events: &mpsc::Sender<FromTask>,
-) -> (u16, String) {
+async fn relay(ws: WebSocketStream<KubeStream>, port: &Port) -> (u16, String) {
     let (mut sink, mut source) = ws.split();
-    // Set once our close frame is out: the reader then reads even when paused, for the reply.
-    let closing = AtomicBool::new(false);
     let outcome = {
         let writer = async {
-            while let Some(command) = commands.recv().await {
+            while let Some(command) = port.recv().await {
                 match command {
                     ToUpstream::Message(kind, payload) => {
                         let message = match kind {
@@ -202,28 +144,18 @@ async fn relay(
                         if let Err(e) = sink.send(message).await {
                             return WriterEnd::Failed(1011, format!("upstream write failed: {e}"));
                         }
-                        if ctl.stalled.swap(false, Ordering::AcqRel) {
-                            let _ = events.send(FromTask::Drained { id: id.to_string() }).await;
-                        }
                     }
                     ToUpstream::Close(code, reason) => {
-                        closing.store(true, Ordering::Release);
-                        ctl.resume.notify_one();
                         let _ = sink.send(close_message(code, &reason)).await;
                         return WriterEnd::SentClose(code, reason);
                     }
                 }
             }
-            closing.store(true, Ordering::Release);
             let _ = sink.send(close_message(1001, "agent session ended")).await;
             WriterEnd::SessionGone
         };
         let reader = async {
             loop {
-                if !closing.load(Ordering::Acquire) && ctl.paused.load(Ordering::Acquire) {
-                    ctl.resume.notified().await;
-                    continue;
-                }
                 let kind = match source.next().await {
                     Some(Ok(Message::Text(text))) => (MessageKind::Text, Bytes::from(text)),
                     Some(Ok(Message::Binary(payload))) => (MessageKind::Binary, payload),
@@ -235,12 +167,7 @@ async fn relay(
                     Some(Err(e)) => return Some(read_error(&e)),
                     None => return Some((1011, "upstream connection lost".into())),
                 };
-                let event = FromTask::Data {
-                    id: id.to_string(),
-                    kind: kind.0,
-                    payload: kind.1,
-                };
-                if events.send(event).await.is_err() {
+                if port.send(kind.0, kind.1).await.is_err() {
                     return Some((1001, "agent session ended".into()));
                 }
             }
@@ -255,58 +182,36 @@ async fn relay(
 /// Moves bytes of a raw upgrade (or a TCP tunnel) until it ends; returns the close code and reason to report: 1000
 /// when the upstream ended the connection, our own close when we ended it, 1011 on an error.
 /// Each read becomes one binary message; each message is written whole and flushed.
-async fn relay_raw<S>(
-    io: S,
-    id: &str,
-    commands: &mut mpsc::Receiver<ToUpstream>,
-    ctl: &StreamCtl,
-    events: &mpsc::Sender<FromTask>,
-) -> (u16, String)
+async fn relay_raw<S>(io: S, port: &Port) -> (u16, String)
 where
     S: tokio::io::AsyncRead + tokio::io::AsyncWrite,
 {
     let (mut rd, mut wr) = tokio::io::split(io);
-    let closing = AtomicBool::new(false);
     let writer = async {
-        while let Some(command) = commands.recv().await {
+        while let Some(command) = port.recv().await {
             match command {
                 ToUpstream::Message(_, payload) => {
                     if let Err(e) = crate::byte_pipe::write_chunk(&mut wr, &payload).await {
                         return WriterEnd::Failed(1011, format!("upstream write failed: {e}"));
                     }
-                    if ctl.stalled.swap(false, Ordering::AcqRel) {
-                        let _ = events.send(FromTask::Drained { id: id.to_string() }).await;
-                    }
                 }
                 ToUpstream::Close(code, reason) => {
-                    closing.store(true, Ordering::Release);
-                    ctl.resume.notify_one();
                     let _ = wr.shutdown().await;
                     return WriterEnd::SentClose(code, reason);
                 }
             }
         }
-        closing.store(true, Ordering::Release);
         let _ = wr.shutdown().await;
         WriterEnd::SessionGone
     };
     let reader = async {
         loop {
-            if !closing.load(Ordering::Acquire) && ctl.paused.load(Ordering::Acquire) {
-                ctl.resume.notified().await;
-                continue;
-            }
             let payload = match crate::byte_pipe::read_chunk(&mut rd).await {
                 Ok(Some(bytes)) => bytes,
                 Ok(None) => return None,
                 Err(e) => return Some((1011, format!("upstream read failed: {e}"))),
             };
-            let event = FromTask::Data {
-                id: id.to_string(),
-                kind: MessageKind::Binary,
-                payload,
-            };
-            if events.send(event).await.is_err() {
+            if port.send(MessageKind::Binary, payload).await.is_err() {
                 return Some((1001, "agent session ended".into()));
             }
         }
