@@ -8,6 +8,18 @@ use serde_json::{Value, json};
 
 use crate::{PathResults, Res, Results};
 
+// Targets (issue 11). Each verdict in the table compares against one of these.
+/// Added p99 of a 64 B round trip through the tunnel (native), µs.
+const ADDED_P99_US: f64 = 200.0;
+/// Interactive p99 under 4 bulk streams (native), ms.
+const INTERACTIVE_P99_MS: f64 = 5.0;
+/// Agent memory per idle stream, bytes.
+const AGENT_IDLE_BYTES: f64 = 2048.0;
+/// Control-plane memory per idle stream, bytes.
+const CP_IDLE_BYTES: f64 = 4096.0;
+/// Control-plane peak RSS for the many-streams run (1 000 × 1 MiB), MiB.
+const CP_PEAK_MIB: f64 = 64.0;
+
 /// What the run ran on.
 #[derive(Clone, Debug, Serialize)]
 pub(crate) struct Machine {
@@ -247,14 +259,14 @@ pub(crate) fn markdown(r: &Results) -> String {
                 opt(ac, |x| format!("{x:+.0} µs")),
                 opt(an, |x| format!("{x:+.0} µs")),
                 if p99 {
-                    "native added p99 ≤ 300 µs"
+                    "native added p99 ≤ 200 µs"
                 } else {
                     ""
                 },
                 if p99 {
                     verdict(
                         "native",
-                        an.map(|x| x <= 300.0),
+                        an.map(|x| x <= ADDED_P99_US),
                         opt(an, |x| format!("{x:+.0} µs")),
                     )
                 } else {
@@ -315,6 +327,9 @@ pub(crate) fn markdown(r: &Results) -> String {
             ("control plane", |m: &crate::Many| m.control_plane_peak_kib),
         ] {
             let f = |p: &PathResults| get(&p.many, |m| mib(pick(m)));
+            let cp = name == "control plane";
+            let peak_ok = |p: &PathResults| f(p).ok().flatten().map(|m| m <= CP_PEAK_MIB);
+            let peak_fig = |p: &PathResults| show(f(p), 1) + " MiB";
             t.row(
                 "3",
                 &format!("… peak RSS (VmHWM) of the {name} (MiB)"),
@@ -323,8 +338,16 @@ pub(crate) fn markdown(r: &Results) -> String {
                 show(f(n), 1),
                 String::new(),
                 String::new(),
-                "",
-                String::new(),
+                if cp { "≤ 64 MiB" } else { "" },
+                if cp {
+                    format!(
+                        "{}; {}",
+                        verdict("compat", peak_ok(c), peak_fig(c)),
+                        verdict("native", peak_ok(n), peak_fig(n))
+                    )
+                } else {
+                    String::new()
+                },
             );
         }
     }
@@ -346,7 +369,7 @@ pub(crate) fn markdown(r: &Results) -> String {
         let ok = |p: &PathResults| match &p.idle {
             Some(Ok(i)) => i
                 .agent_bytes_per_stream
-                .map(|b| b <= 4096.0 && i.reached == i.wanted),
+                .map(|b| b <= AGENT_IDLE_BYTES && i.reached == i.wanted),
             Some(Err(_)) => Some(false),
             None => None,
         };
@@ -370,7 +393,7 @@ pub(crate) fn markdown(r: &Results) -> String {
             show(per(n), 2),
             String::new(),
             String::new(),
-            "≤ 4 KiB",
+            "≤ 2 KiB",
             format!(
                 "{}; {}",
                 verdict("compat", ok(c), fig(c)),
@@ -382,6 +405,8 @@ pub(crate) fn markdown(r: &Results) -> String {
                 i.control_plane_bytes_per_stream.map(|b| b / 1024.0)
             })
         };
+        let cp_ok = |p: &PathResults| cp(p).ok().flatten().map(|k| k * 1024.0 <= CP_IDLE_BYTES);
+        let cp_fig = |p: &PathResults| show(cp(p), 2) + " KiB";
         t.row(
             "4",
             "control-plane memory per idle stream (KiB)",
@@ -390,8 +415,12 @@ pub(crate) fn markdown(r: &Results) -> String {
             show(cp(n), 2),
             String::new(),
             String::new(),
-            "",
-            String::new(),
+            "≤ 4 KiB",
+            format!(
+                "{}; {}",
+                verdict("compat", cp_ok(c), cp_fig(c)),
+                verdict("native", cp_ok(n), cp_fig(n))
+            ),
         );
     }
     // 5. interactive
@@ -414,13 +443,13 @@ pub(crate) fn markdown(r: &Results) -> String {
                 show(f(n), 2),
                 opt(ratio(f(c), f(d)), |x| format!("{x:.1}×")),
                 opt(ratio(f(n), f(d)), |x| format!("{x:.1}×")),
-                if ms { "native p99 ≤ 10 ms" } else { "" },
+                if ms { "native p99 ≤ 5 ms" } else { "" },
                 if ms {
                     format!(
                         "{}; compat: {} (head-of-line blocking)",
                         verdict(
                             "native",
-                            an.map(|x| x <= 10.0),
+                            an.map(|x| x <= INTERACTIVE_P99_MS),
                             opt(an, |x| format!("{x:.2} ms"))
                         ),
                         show(f(c), 2) + " ms"
