@@ -8,6 +8,7 @@ pub mod buf;
 pub mod byte_pipe;
 pub mod socket;
 pub mod token;
+pub(crate) mod tunnel_driver;
 pub mod watched;
 pub mod wire_mode;
 

@@ -23,7 +23,7 @@ use std::collections::{HashMap, VecDeque};
 use std::future::{Future, poll_fn};
 use std::pin::Pin;
 use std::sync::atomic::Ordering;
-use std::sync::{Arc, Mutex, MutexGuard, PoisonError, Weak};
+use std::sync::{Arc, MutexGuard, Weak};
 use std::task::{Context, Poll, Waker};
 use std::time::{SystemTime, UNIX_EPOCH};
 
@@ -33,7 +33,7 @@ use tether_core::relay::{
 };
 use tether_core::request::{Cancelled, RequestError, RequestEvent};
 use tether_core::wire::{Inbound, JsonStr, Outbound, UnixTime};
-use tokio::sync::{Notify, mpsc};
+use tokio::sync::mpsc;
 use tokio_tungstenite::tungstenite::protocol::CloseFrame;
 use tokio_tungstenite::tungstenite::protocol::frame::coding::CloseCode;
 use tokio_tungstenite::tungstenite::{Error as WsError, Message as WsMessage};
@@ -46,6 +46,7 @@ use super::upstream::{self, StreamSpec, ToUpstream};
 use super::{AgentRelay, AgentRequests, Shared};
 use crate::buf::Buf;
 use crate::kube::headers;
+use crate::tunnel_driver::{DriverCore, Locked, Next, Schedule, Wakeups};
 
 /// What a stream or request that arrives while the agent drains is told (HTTP 503).
 pub(crate) const DRAINING: &str =
@@ -56,16 +57,6 @@ pub(crate) const GRACE_OVER: &str = "agent shutting down: grace period over";
 /// stops taking the request tasks' reports (they then wait in their 64-slot channel and the tasks
 /// stop reading their responses).
 const OUTBOX_LIMIT: usize = 1 << 20;
-
-/// What the writer task does next.
-pub(crate) enum Next {
-    /// Write this message.
-    Send(WsMessage),
-    /// Nothing owed: flush, then wait for [`Driver::transmit_wanted`].
-    Idle,
-    /// The session is over: close the sink and end.
-    Finish,
-}
 
 /// What the session task reads off the driver before it waits.
 pub(crate) struct Turn {
@@ -160,18 +151,13 @@ pub(crate) struct Core {
     pub(super) credit_ready: Vec<String>,
     /// The writer waits for [`Driver::transmit_wanted`].
     writer_idle: bool,
-    wake_writer: bool,
-    wake_control: bool,
-    wakers: Vec<Waker>,
+    /// Wake-ups owed by the current call, fired once the lock is released.
+    wake: Wakeups,
 }
 
 /// The agent's relay and request table and the tasks that drive them. See the module docs.
 pub(crate) struct Driver {
-    core: Mutex<Core>,
-    /// Wakes the writer task.
-    transmit: Notify,
-    /// Wakes the session task (reads resume, the session died, the writer caught up).
-    control: Notify,
+    locked: Locked<Core>,
     pub(crate) shared: Shared,
 }
 
@@ -221,57 +207,27 @@ impl Driver {
                 refused: Vec::new(),
                 credit_ready: Vec::new(),
                 writer_idle: false,
-                wake_writer: false,
-                wake_control: false,
-                wakers: Vec::new(),
+                wake: Wakeups::default(),
             };
             Self {
-                core: Mutex::new(core),
-                transmit: Notify::new(),
-                control: Notify::new(),
+                locked: Locked::new(core),
                 shared,
             }
         })
     }
 
     fn lock(&self) -> MutexGuard<'_, Core> {
-        self.core.lock().unwrap_or_else(PoisonError::into_inner)
+        self.locked.lock()
     }
 
     /// Runs `f` on the core, settles it, then fires the wake-ups it caused (outside the lock).
     fn with<R>(&self, f: impl FnOnce(&mut Core, &Shared) -> R) -> R {
-        let mut core = self.lock();
-        let r = f(&mut core, &self.shared);
-        core.settle(&self.shared);
-        self.release(core);
-        r
-    }
-
-    /// Drops the lock, then fires the wake-ups gathered under it.
-    fn release(&self, mut core: MutexGuard<'_, Core>) {
-        let wakers = std::mem::take(&mut core.wakers);
-        let writer = std::mem::take(&mut core.wake_writer);
-        let control = std::mem::take(&mut core.wake_control);
-        drop(core);
-        for waker in wakers {
-            waker.wake();
-        }
-        if writer {
-            self.transmit.notify_one();
-        }
-        if control {
-            self.control.notify_one();
-        }
-    }
-
-    /// Resolves once the writer may find something new to send.
-    pub(crate) async fn transmit_wanted(&self) {
-        self.transmit.notified().await;
+        self.locked.with(&self.shared, f)
     }
 
     /// Resolves once the session task should look at [`Driver::turn`] again.
     pub(crate) async fn control_wanted(&self) {
-        self.control.notified().await;
+        self.locked.signals().control_wanted().await;
     }
 
     // ---------------------------------------------------------------------------------------------
@@ -398,32 +354,47 @@ impl Driver {
             core.registered
         })
     }
+}
 
-    // ---------------------------------------------------------------------------------------------
-    // The writer task
-
+impl Schedule for Driver {
     /// The next message for the tunnel socket: a ping, what was encoded outside the scheduler,
     /// the request table's replies, then what the relay's scheduler picks.
-    pub(crate) fn next_out(&self) -> Next {
-        let mut core = self.lock();
-        core.writer_idle = false;
-        let next = core.next_out(&self.shared);
-        core.settle(&self.shared);
-        // Marked after the settle: only a later change wakes the writer again.
-        core.writer_idle = matches!(next, Next::Idle);
-        self.release(core);
-        next
+    fn next_out(&self) -> Next {
+        self.locked.next_out(&self.shared)
     }
 
-    /// Writing the tunnel failed: the session is over.
-    pub(crate) fn writer_failed(&self, error: &WsError) {
+    fn writer_failed(&self, error: &WsError) {
         self.with(|core, _| {
             if core.dead.is_none() {
                 core.dead = Some(format!("tunnel write failed: {error}"));
             }
             core.ending = Some(Ending::Now);
-            core.wake_control = true;
+            core.wake.control = true;
         });
+    }
+
+    fn transmit_wanted(&self) -> impl Future<Output = ()> + Send {
+        self.locked.signals().transmit_wanted()
+    }
+}
+
+impl DriverCore for Core {
+    type Ctx = Shared;
+
+    fn settle(&mut self, ctx: &Shared) {
+        Self::settle(self, ctx);
+    }
+
+    fn wakeups(&mut self) -> &mut Wakeups {
+        &mut self.wake
+    }
+
+    fn next_out(&mut self, ctx: &Shared) -> Next {
+        Self::next_out(self, ctx)
+    }
+
+    fn set_writer_idle(&mut self, idle: bool) {
+        self.writer_idle = idle;
     }
 }
 
@@ -462,12 +433,12 @@ impl Core {
         }
         if self.relay.is_draining() && self.is_idle() {
             // The session ends once nothing is live: tell it.
-            self.wake_control = true;
+            self.wake.control = true;
         }
         if self.writer_idle {
             // Whatever changed may have made a message due; the writer finds out.
             self.writer_idle = false;
-            self.wake_writer = true;
+            self.wake.writer = true;
         }
         let metrics = &shared.metrics;
         metrics.set_relay(self.relay.stats());
@@ -497,14 +468,14 @@ impl Core {
             }),
             None => Ending::Now,
         });
-        self.wake_writer = true;
+        self.wake.writer = true;
     }
 
     /// Queues a message the writer sends before the relay's scheduled ones.
     pub(super) fn push_out(&mut self, message: WsMessage) {
         self.outbox_bytes += message.len();
         self.outbox.push_back(message);
-        self.wake_writer = true;
+        self.wake.writer = true;
     }
 
     /// Queues `txbuf[..n]` (an encoded envelope) for the tunnel.
@@ -525,7 +496,7 @@ impl Core {
             let before = self.outbox_bytes;
             self.outbox_bytes -= message.len();
             if before >= OUTBOX_LIMIT && self.outbox_bytes < OUTBOX_LIMIT {
-                self.wake_control = true;
+                self.wake.control = true;
             }
             return Next::Send(message);
         }
@@ -599,11 +570,11 @@ impl Core {
             }
             Event::SendPing => {
                 self.owe_ping = true;
-                self.wake_writer = true;
+                self.wake.writer = true;
             }
             Event::TunnelDead => {
                 self.dead = Some("tunnel silent past the read deadline".into());
-                self.wake_control = true;
+                self.wake.control = true;
             }
             Event::PauseTunnelReads => {
                 if self.pause.is_none() {
@@ -617,7 +588,7 @@ impl Core {
                     .get_mut(id.as_str())
                     .and_then(|h| h.recv.take())
                 {
-                    self.wakers.push(waker);
+                    self.wake.wakers.push(waker);
                 }
             }
             Event::CloseUpstream { stream, close } => {
@@ -628,7 +599,7 @@ impl Core {
                         // Given to the task once the relay's data for it is out.
                         h.close = Some((close.code, reason));
                         if let Some(waker) = h.recv.take() {
-                            self.wakers.push(waker);
+                            self.wake.wakers.push(waker);
                         }
                     }
                     Some(_) => {
@@ -660,7 +631,7 @@ impl Core {
                     .get_mut(id.as_str())
                     .and_then(|h| h.send.take())
                 {
-                    self.wakers.push(waker);
+                    self.wake.wakers.push(waker);
                 }
             }
         }
@@ -671,7 +642,7 @@ impl Core {
             return;
         }
         self.pause = None;
-        self.wake_control = true;
+        self.wake.control = true;
         if let Some(frame) = self.pending.take() {
             self.on_tunnel(shared, frame);
         }
@@ -795,7 +766,7 @@ impl Core {
                             self.body_wait = Some(Box::pin(async move {
                                 let _ = body.reserve_owned().await;
                             }));
-                            self.wake_control = true;
+                            self.wake.control = true;
                             return;
                         }
                         // Only this driver sends on `body`, under its lock: the room is there.
@@ -923,23 +894,23 @@ impl Core {
         } else {
             StreamKind::WebSocket
         };
-        let id: Arc<str> = spec.id.as_str().into();
         let Some(driver) = self.me.upgrade() else {
             return;
         };
+        let key = spec.id.clone();
         let port = Port {
             driver,
-            id,
+            id: key.as_str().into(),
             session: self.session,
         };
         let task = tokio::spawn(upstream::run(
             shared.kube.clone(),
-            spec.clone(),
+            spec,
             port,
             self.relay.config().max_message,
         ));
         self.streams.insert(
-            spec.id,
+            key,
             StreamEntry {
                 task: Some(AbortOnDrop::new(task)),
                 open: false,
@@ -971,8 +942,8 @@ impl Core {
                 if let Some(task) = h.task.take() {
                     task.detach();
                 }
-                self.wakers.extend(h.recv.take());
-                self.wakers.extend(h.send.take());
+                self.wake.wakers.extend(h.recv.take());
+                self.wake.wakers.extend(h.send.take());
                 let _ = self
                     .relay
                     .handle_upstream_closed(now, &id, 1001, GRACE_OVER);
@@ -1012,8 +983,8 @@ impl Core {
             if let Some(task) = h.task.take() {
                 task.detach();
             }
-            self.wakers.extend(h.recv.take());
-            self.wakers.extend(h.send.take());
+            self.wake.wakers.extend(h.recv.take());
+            self.wake.wakers.extend(h.send.take());
             self.orphans.push((self.session, id.into(), h));
         }
         self.http.clear();
@@ -1129,7 +1100,7 @@ impl Core {
                     && !h.close_given
                 {
                     h.close = Some((1009, "message too large".into()));
-                    self.wakers.extend(h.recv.take());
+                    self.wake.wakers.extend(h.recv.take());
                 }
                 Poll::Ready(Ok(()))
             }
@@ -1160,7 +1131,7 @@ impl Core {
         {
             // The stream was closed meanwhile: close the upstream.
             h.close = Some((1001, "stream closed".into()));
-            self.wakers.extend(h.recv.take());
+            self.wake.wakers.extend(h.recv.take());
         }
         if upgrade {
             let _ = self.requests.upgrade_started(id, sub);
@@ -1273,14 +1244,9 @@ impl Port {
     }
 }
 
-pub(super) fn stream_spec(
-    id: &str,
-    path: JsonStr<'_>,
-    query: JsonStr<'_>,
-    headers: tether_core::wire::Headers<'_>,
-    protocol: Option<JsonStr<'_>>,
-) -> StreamSpec {
-    let pairs: Vec<(String, String)> = headers
+/// The wire's headers as owned name/value pairs, one per value.
+pub(super) fn header_pairs(headers: tether_core::wire::Headers<'_>) -> Vec<(String, String)> {
+    headers
         .iter()
         .flat_map(|(n, values)| {
             let n = json_string(n);
@@ -1288,7 +1254,18 @@ pub(super) fn stream_spec(
                 .map(move |v| (n.clone(), json_string(v)))
                 .collect::<Vec<_>>()
         })
-        .collect();
+        .collect()
+}
+
+/// What to dial for a stream the relay started.
+pub(super) fn stream_spec(
+    id: &str,
+    path: JsonStr<'_>,
+    query: JsonStr<'_>,
+    headers: tether_core::wire::Headers<'_>,
+    protocol: Option<JsonStr<'_>>,
+) -> StreamSpec {
+    let pairs = header_pairs(headers);
     let protocol = protocol.map(json_string);
     let protocols = headers::offered_subprotocols(
         protocol.as_deref(),

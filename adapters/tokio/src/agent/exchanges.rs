@@ -15,7 +15,7 @@ use tokio::sync::mpsc;
 use tracing::{debug, warn};
 
 use super::Shared;
-use super::driver::{Core, json_string, stream_spec, unix_now};
+use super::driver::{Core, header_pairs, json_string, stream_spec, unix_now};
 use super::http::{self, AbortOnDrop, BodyGate, FromHttp, HttpSpec};
 use super::metrics::StreamKind;
 use crate::kube::headers;
@@ -77,16 +77,7 @@ impl Core {
             }
             return;
         }
-        let header_pairs: Vec<(String, String)> = start
-            .headers
-            .iter()
-            .flat_map(|(n, values)| {
-                let n = json_string(n);
-                values
-                    .map(move |v| (n.clone(), json_string(v)))
-                    .collect::<Vec<_>>()
-            })
-            .collect();
+        let header_pairs = header_pairs(start.headers);
         let headers = headers::forward_request_headers(
             header_pairs.iter().map(|(n, v)| (n.as_str(), v.as_str())),
         );

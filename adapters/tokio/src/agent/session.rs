@@ -4,15 +4,14 @@
 
 use std::sync::Arc;
 
-use futures_util::stream::SplitSink;
-use futures_util::{FutureExt as _, SinkExt as _, StreamExt as _};
+use futures_util::{FutureExt as _, StreamExt as _};
 use tether_core::relay::SessionInfo;
 use tokio::sync::mpsc;
-use tokio_tungstenite::tungstenite::Message;
 
 use super::Drain;
-use super::driver::{BodyWait, Driver, Next};
+use super::driver::{BodyWait, Driver};
 use super::tunnel::TunnelSocket;
+use crate::tunnel_driver::write_loop;
 
 /// Request task reports queued for the session (beyond this the tasks wait).
 const REPORT_QUEUE: usize = 64;
@@ -45,7 +44,10 @@ pub(crate) async fn run(
     let (sink, mut source) = ws.split();
     let (reports_tx, mut reports) = mpsc::channel(REPORT_QUEUE);
     driver.start_session(info, drain.requested(), reports_tx);
-    let writer = tokio::spawn(write_loop(sink, driver.clone()));
+    let writer = {
+        let driver = driver.clone();
+        tokio::spawn(async move { write_loop(sink, &*driver).await })
+    };
     let mut body_wait: Option<BodyWait> = None;
     let reason = loop {
         let turn = driver.turn();
@@ -120,28 +122,4 @@ async fn wait_body(wait: &mut Option<BodyWait>) {
         Some(w) => w.await,
         None => std::future::pending().await,
     }
-}
-
-/// Writes what the driver schedules, one message at a time: the next is taken only once the
-/// socket took the previous one; flushes whenever nothing more is owed.
-async fn write_loop(mut sink: SplitSink<TunnelSocket, Message>, driver: Arc<Driver>) {
-    loop {
-        match driver.next_out() {
-            Next::Send(message) => {
-                if let Err(e) = sink.feed(message).await {
-                    driver.writer_failed(&e);
-                    return;
-                }
-            }
-            Next::Idle => {
-                if let Err(e) = sink.flush().await {
-                    driver.writer_failed(&e);
-                    return;
-                }
-                driver.transmit_wanted().await;
-            }
-            Next::Finish => break,
-        }
-    }
-    let _ = sink.flush().await;
 }

@@ -20,9 +20,9 @@
 //!   the stream's data in order, then exactly one terminal notice, after which it yields `None`.
 
 use std::collections::{HashMap, VecDeque};
-use std::future::poll_fn;
+use std::future::{Future, poll_fn};
 use std::sync::atomic::Ordering;
-use std::sync::{Arc, Mutex, MutexGuard, PoisonError};
+use std::sync::{Arc, MutexGuard};
 use std::task::{Context, Poll, Waker};
 use std::time::{Duration, SystemTime, UNIX_EPOCH};
 
@@ -34,7 +34,6 @@ use tether_core::gateway::{
 use tether_core::relay::{Close, Message, SendError, Transmit, TransmitError};
 use tether_core::time::Instant as CoreInstant;
 use tether_core::wire::UnixTime;
-use tokio::sync::Notify;
 use tokio_tungstenite::tungstenite::protocol::CloseFrame;
 use tokio_tungstenite::tungstenite::protocol::frame::coding::CloseCode;
 use tokio_tungstenite::tungstenite::{Error as WsError, Message as WsMessage};
@@ -43,6 +42,7 @@ use super::State;
 use super::link::{OpenRequest, OpenStream, OpenTcp, ToClient};
 use crate::agent::metrics::RingSampler;
 use crate::buf::Buf;
+use crate::tunnel_driver::{DriverCore, Locked, Next, Schedule, Wakeups};
 
 /// Streams and requests one tunnel carries at once. The gateway's table and rings live on the heap
 /// and grow with use (tether-core's `alloc` feature), so the capacity costs nothing until used.
@@ -98,16 +98,6 @@ impl Refused {
     }
 }
 
-/// What the writer task does next.
-pub(crate) enum Next {
-    /// Write this message.
-    Send(WsMessage),
-    /// Nothing owed: flush, then wait for [`Driver::transmit_wanted`].
-    Idle,
-    /// The tunnel is over: close the sink and end.
-    Finish,
-}
-
 /// What the tunnel task reads off the driver before it waits.
 pub(crate) struct Turn {
     /// The tunnel is over.
@@ -134,7 +124,7 @@ struct PortState {
 }
 
 /// Who the tunnel serves, for logs, the tunnel table and the metrics.
-struct Ctx {
+pub(crate) struct Ctx {
     cluster: String,
     generation: u64,
     state: Arc<State>,
@@ -157,9 +147,8 @@ pub(crate) struct Core {
     owe_close: Option<CloseFrame>,
     /// The writer waits for [`Driver::transmit_wanted`].
     writer_idle: bool,
-    wake_writer: bool,
-    wake_control: bool,
-    wakers: Vec<Waker>,
+    /// Wake-ups owed by the current call, fired once the lock is released.
+    wake: Wakeups,
     base: tokio::time::Instant,
     buf: Vec<u8>,
     scratch: Vec<u8>,
@@ -173,11 +162,7 @@ pub(crate) struct Core {
 
 /// One tunnel's gateway and the tasks that drive it. See the module docs.
 pub(crate) struct Driver {
-    core: Mutex<Core>,
-    /// Wakes the writer task.
-    transmit: Notify,
-    /// Wakes the tunnel task (reads resume, the tunnel died, the agent registered).
-    control: Notify,
+    locked: Locked<Core>,
     ctx: Ctx,
 }
 
@@ -212,9 +197,7 @@ impl Driver {
             owe_ping: false,
             owe_close: None,
             writer_idle: false,
-            wake_writer: false,
-            wake_control: false,
-            wakers: Vec::new(),
+            wake: Wakeups::default(),
             base: tokio::time::Instant::now(),
             // Both grow to what a message needs (`BufferTooSmall` / `ScratchTooSmall`): an idle
             // tunnel, the common case in a fleet, keeps them small.
@@ -226,9 +209,7 @@ impl Driver {
             rings: RingSampler::default(),
         };
         Arc::new(Self {
-            core: Mutex::new(core),
-            transmit: Notify::new(),
-            control: Notify::new(),
+            locked: Locked::new(core),
             ctx: Ctx {
                 cluster,
                 generation,
@@ -238,43 +219,17 @@ impl Driver {
     }
 
     fn lock(&self) -> MutexGuard<'_, Core> {
-        self.core.lock().unwrap_or_else(PoisonError::into_inner)
+        self.locked.lock()
     }
 
     /// Runs `f` on the core, settles it, then fires the wake-ups it caused (outside the lock).
     fn with<R>(&self, f: impl FnOnce(&mut Core, &Ctx) -> R) -> R {
-        let mut core = self.lock();
-        let r = f(&mut core, &self.ctx);
-        core.settle(&self.ctx);
-        self.release(core);
-        r
-    }
-
-    /// Drops the lock, then fires the wake-ups gathered under it.
-    fn release(&self, mut core: MutexGuard<'_, Core>) {
-        let wakers = std::mem::take(&mut core.wakers);
-        let writer = std::mem::take(&mut core.wake_writer);
-        let control = std::mem::take(&mut core.wake_control);
-        drop(core);
-        for waker in wakers {
-            waker.wake();
-        }
-        if writer {
-            self.transmit.notify_one();
-        }
-        if control {
-            self.control.notify_one();
-        }
-    }
-
-    /// Resolves once the writer may find something new to send.
-    pub(crate) async fn transmit_wanted(&self) {
-        self.transmit.notified().await;
+        self.locked.with(&self.ctx, f)
     }
 
     /// Resolves once the tunnel task should look at [`Driver::turn`] again.
     pub(crate) async fn control_wanted(&self) {
-        self.control.notified().await;
+        self.locked.signals().control_wanted().await;
     }
 
     // ---------------------------------------------------------------------------------------------
@@ -337,7 +292,7 @@ impl Driver {
                 reason: reason.into(),
             });
             core.dead = true;
-            core.wake_writer = true;
+            core.wake.writer = true;
         });
     }
 
@@ -355,36 +310,15 @@ impl Driver {
         core.counted_streams = 0;
         core.dead = true;
         drop(core);
-        self.transmit.notify_one();
+        self.locked.signals().fire(Wakeups {
+            writer: true,
+            ..Wakeups::default()
+        });
     }
 
     /// Whether the agent registered on this tunnel.
     pub(crate) fn registered(&self) -> bool {
         self.lock().registered
-    }
-
-    // ---------------------------------------------------------------------------------------------
-    // The writer task
-
-    /// The next message for the tunnel socket, in the gateway's order: a close frame, a ping, then
-    /// what the scheduler picks.
-    pub(crate) fn next_out(&self) -> Next {
-        let mut core = self.lock();
-        core.writer_idle = false;
-        let next = core.next_out(&self.ctx);
-        core.settle(&self.ctx);
-        // Marked after the settle: only a later change wakes the writer again.
-        core.writer_idle = matches!(next, Next::Idle);
-        self.release(core);
-        next
-    }
-
-    /// Writing the tunnel failed: the tunnel is over.
-    pub(crate) fn writer_failed(&self) {
-        self.with(|core, _| {
-            core.dead = true;
-            core.wake_control = true;
-        });
     }
 
     // ---------------------------------------------------------------------------------------------
@@ -490,6 +424,45 @@ impl Driver {
     }
 }
 
+impl Schedule for Driver {
+    /// The next message for the tunnel socket, in the gateway's order: a close frame, a ping, then
+    /// what the scheduler picks.
+    fn next_out(&self) -> Next {
+        self.locked.next_out(&self.ctx)
+    }
+
+    fn writer_failed(&self, _: &WsError) {
+        self.with(|core, _| {
+            core.dead = true;
+            core.wake.control = true;
+        });
+    }
+
+    fn transmit_wanted(&self) -> impl Future<Output = ()> + Send {
+        self.locked.signals().transmit_wanted()
+    }
+}
+
+impl DriverCore for Core {
+    type Ctx = Ctx;
+
+    fn settle(&mut self, ctx: &Ctx) {
+        Self::settle(self, ctx);
+    }
+
+    fn wakeups(&mut self) -> &mut Wakeups {
+        &mut self.wake
+    }
+
+    fn next_out(&mut self, ctx: &Ctx) -> Next {
+        Self::next_out(self, ctx)
+    }
+
+    fn set_writer_idle(&mut self, idle: bool) {
+        self.writer_idle = idle;
+    }
+}
+
 impl Core {
     fn now(&self) -> CoreInstant {
         CoreInstant::from_micros(u64::try_from(self.base.elapsed().as_micros()).unwrap_or(u64::MAX))
@@ -509,7 +482,7 @@ impl Core {
         let now = self.now();
         open(&mut self.gw, now, unix(), &mut self.scratch).map_err(|e| Refused::from_open(&e))?;
         self.ports.insert(id.to_string(), PortState::default());
-        self.wake_writer = true;
+        self.wake.writer = true;
         Ok(())
     }
 
@@ -522,7 +495,7 @@ impl Core {
         if self.writer_idle {
             // Whatever changed may have made a message due; the writer finds out.
             self.writer_idle = false;
-            self.wake_writer = true;
+            self.wake.writer = true;
         }
         if !self.finished {
             self.drive_metrics(ctx);
@@ -537,12 +510,12 @@ impl Core {
                 if !item.is_start()
                     && let Some(waker) = port.send.take()
                 {
-                    self.wakers.push(waker);
+                    self.wake.wakers.push(waker);
                 }
                 port.notices.push_back(item);
             }
             if let Some(waker) = port.recv.take() {
-                self.wakers.push(waker);
+                self.wake.wakers.push(waker);
             }
         }
     }
@@ -563,7 +536,7 @@ impl Core {
                 if !self.registered {
                     self.registered = true;
                     self.registered_now = true;
-                    self.wake_control = true;
+                    self.wake.control = true;
                 }
             }
             Event::AgentDraining => {
@@ -575,18 +548,18 @@ impl Core {
             }
             Event::SendPing => {
                 self.owe_ping = true;
-                self.wake_writer = true;
+                self.wake.writer = true;
             }
             Event::TunnelDead => {
                 tracing::warn!(cluster = %ctx.cluster, "agent tunnel silent past the read deadline");
                 ctx.state.metrics.tunnel_failed();
                 self.dead = true;
-                self.wake_control = true;
+                self.wake.control = true;
             }
             Event::PauseTunnelReads => self.paused = true,
             Event::ResumeTunnelReads => {
                 self.paused = false;
-                self.wake_control = true;
+                self.wake.control = true;
             }
             Event::Started {
                 stream,
@@ -625,7 +598,7 @@ impl Core {
                     .get_mut(stream.as_str())
                     .and_then(|p| p.send.take())
                 {
-                    self.wakers.push(waker);
+                    self.wake.wakers.push(waker);
                 }
             }
         }
@@ -737,7 +710,7 @@ impl Core {
                 Err(e) => {
                     tracing::error!(cluster = %ctx.cluster, error = %e, "cannot encode a tunnel message");
                     self.dead = true;
-                    self.wake_control = true;
+                    self.wake.control = true;
                     Next::Finish
                 }
             };
@@ -753,7 +726,7 @@ impl Core {
             self.gw.handle_tunnel_lost(now, reason);
             // Nothing more goes toward the agent: no sender waits for room.
             let senders = self.ports.values_mut().filter_map(|p| p.send.take());
-            self.wakers.extend(senders);
+            self.wake.wakers.extend(senders);
         }
     }
 

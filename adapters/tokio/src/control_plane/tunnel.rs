@@ -5,15 +5,15 @@
 use std::sync::Arc;
 use std::sync::atomic::Ordering;
 
-use futures_util::{FutureExt as _, SinkExt as _, StreamExt as _};
+use futures_util::{FutureExt as _, StreamExt as _};
 use tokio::io::{AsyncRead, AsyncWrite};
 use tokio::sync::mpsc;
 use tokio_tungstenite::WebSocketStream;
-use tokio_tungstenite::tungstenite::Message as WsMessage;
 
 use super::State;
-use super::driver::{Driver, Next};
+use super::driver::Driver;
 use super::link::Cmd;
+use crate::tunnel_driver::write_loop;
 
 pub(crate) use super::driver::Gw;
 
@@ -34,7 +34,10 @@ pub(crate) async fn run<S>(
 {
     let driver = Driver::new(cluster.clone(), generation, state.clone());
     let (sink, mut stream) = ws.split();
-    let writer = tokio::spawn(write_loop(sink, driver.clone()));
+    let writer = {
+        let driver = driver.clone();
+        tokio::spawn(async move { write_loop(sink, &*driver).await })
+    };
     tracing::info!(cluster = %cluster, "agent tunnel connected");
     loop {
         let turn = driver.turn();
@@ -109,33 +112,4 @@ async fn sleep_until(deadline: Option<tokio::time::Instant>) {
         Some(at) => tokio::time::sleep_until(at).await,
         None => std::future::pending().await,
     }
-}
-
-/// Writes what the driver's gateway schedules, one message at a time: the next is taken only once
-/// the socket took the previous one; flushes whenever nothing more is owed.
-async fn write_loop<S>(
-    mut sink: futures_util::stream::SplitSink<WebSocketStream<S>, WsMessage>,
-    driver: Arc<Driver>,
-) where
-    S: AsyncRead + AsyncWrite + Unpin,
-{
-    loop {
-        match driver.next_out() {
-            Next::Send(message) => {
-                if sink.feed(message).await.is_err() {
-                    driver.writer_failed();
-                    return;
-                }
-            }
-            Next::Idle => {
-                if sink.flush().await.is_err() {
-                    driver.writer_failed();
-                    return;
-                }
-                driver.transmit_wanted().await;
-            }
-            Next::Finish => break,
-        }
-    }
-    let _ = sink.close().await;
 }
