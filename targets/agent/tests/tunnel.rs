@@ -726,3 +726,72 @@ async fn request_timeouts_and_cancels_drop_the_upstream() {
         assert_ne!(v["request_id"], "slow-2", "cancelled request answered: {v}");
     }
 }
+
+/// A streamed request body the Kubernetes API does not take stops only that request: once its
+/// 16-chunk queue and the socket to the API are full the agent stops reading the tunnel, and after
+/// the pause limit (30 s) that request alone fails with 504 and reading resumes, well before the
+/// 60 s read deadline would have declared the whole tunnel dead.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_request_body_nobody_reads_fails_that_request_alone() {
+    use base64::Engine as _;
+    use std::sync::atomic::Ordering;
+
+    let s = echo_setup().await;
+    let mut a = s.cp.accept_registered().await;
+    a.send(json!({"type": "proxy_request", "request_id": "stall-1",
+                  "payload": {"method": "PUT", "path": "/api/hang", "use_streaming": true}}))
+        .await;
+    let until = tokio::time::Instant::now() + Duration::from_secs(5);
+    while s.api.hanging.load(Ordering::SeqCst) != 1 {
+        assert!(
+            tokio::time::Instant::now() < until,
+            "the upstream never saw the request"
+        );
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+    // 10 MiB: more than the API's socket and the agent's body queue hold. A send may block once
+    // the agent stops reading; it goes on when the agent reads again.
+    let chunk = base64::engine::general_purpose::STANDARD.encode(vec![b'x'; 64 * 1024]);
+    let started = tokio::time::Instant::now();
+    for _ in 0..160 {
+        a.send(
+            json!({"type": "proxy_request_chunk", "request_id": "stall-1",
+                      "payload": {"data": chunk}}),
+        )
+        .await;
+    }
+    let r = loop {
+        let r = a
+            .try_recv(Duration::from_secs(45))
+            .await
+            .expect("no answer for the stalled request before the read deadline");
+        if r["type"] != "heartbeat" {
+            break r;
+        }
+    };
+    assert_eq!(r["type"], "proxy_response", "{r}");
+    assert_eq!(r["request_id"], "stall-1", "{r}");
+    assert_eq!(r["payload"]["status"], 504, "{r}");
+    let waited = started.elapsed();
+    assert!(
+        waited >= Duration::from_secs(25) && waited < Duration::from_secs(55),
+        "failed after {waited:?}, not at the 30 s pause limit"
+    );
+    // The same tunnel serves the next request.
+    a.send(json!({"type": "proxy_request", "request_id": "after",
+                  "payload": {"method": "POST", "path": "/api/echo", "body": "b2s=", "body_encoding": "base64"}}))
+        .await;
+    let echo = echoed(&a.recv_skip_heartbeat().await);
+    assert_eq!(echo["body"], "ok");
+    // One warning for that request, and the tunnel was never lost.
+    let logs = s._agent.logs();
+    let warned = logs
+        .iter()
+        .filter(|l| l.contains("stopped taking the request body") && l.contains("stall-1"))
+        .count();
+    assert_eq!(warned, 1, "{logs:#?}");
+    assert!(
+        !logs.iter().any(|l| l.contains("tunnel lost")),
+        "the tunnel was lost: {logs:#?}"
+    );
+}

@@ -72,6 +72,8 @@ pub(crate) struct Turn {
     pub(crate) deadline: Option<tokio::time::Instant>,
     /// Resolves once the request body channel that paused reading has room.
     pub(crate) body_wait: Option<BodyWait>,
+    /// When that request is failed alone if its body channel still has no room.
+    pub(crate) body_deadline: Option<tokio::time::Instant>,
 }
 
 /// Why tunnel reading is paused.
@@ -136,6 +138,8 @@ pub(crate) struct Core {
     pending: Option<Vec<u8>>,
     pub(super) pause: Option<Pause>,
     body_wait: Option<BodyWait>,
+    /// The request whose full body channel paused reading, and when it is failed alone.
+    body_stall: Option<(String, tokio::time::Instant)>,
     registered: bool,
     dead: Option<String>,
     /// Messages encoded outside the relay's scheduler (responses, `gateway_hello_ack`), in order.
@@ -196,6 +200,7 @@ impl Driver {
                 pending: None,
                 pause: None,
                 body_wait: None,
+                body_stall: None,
                 registered: false,
                 dead: None,
                 outbox: VecDeque::new(),
@@ -246,6 +251,7 @@ impl Driver {
             core.pending = None;
             core.pause = None;
             core.body_wait = None;
+            core.body_stall = None;
             core.registered = false;
             core.dead = None;
             core.outbox.clear();
@@ -275,6 +281,7 @@ impl Driver {
             idle: core.is_idle(),
             deadline,
             body_wait: core.body_wait.take(),
+            body_deadline: core.body_stall.as_ref().map(|(_, at)| *at),
         }
     }
 
@@ -306,6 +313,12 @@ impl Driver {
     /// The request body channel that paused reading has room.
     pub(crate) fn on_body_room(&self) {
         self.with(|core, shared| core.resume_pending(shared, Pause::Body));
+    }
+
+    /// The request body channel that paused reading had no room for the relay's pause limit:
+    /// that request fails alone (504) and reading resumes.
+    pub(crate) fn on_body_overdue(&self) {
+        self.with(|core, shared| core.fail_stalled_body(shared));
     }
 
     /// The shutdown signal came: take nothing new, let live streams finish.
@@ -641,11 +654,41 @@ impl Core {
         if self.pause != Some(reason) {
             return;
         }
+        if reason == Pause::Body {
+            self.body_stall = None;
+        }
         self.pause = None;
         self.wake.control = true;
         if let Some(frame) = self.pending.take() {
             self.on_tunnel(shared, frame);
         }
+    }
+
+    /// See [`Driver::on_body_overdue`]. The parked chunk belonged to the failed request: it and
+    /// the request's later chunks are dropped.
+    fn fail_stalled_body(&mut self, shared: &Shared) {
+        if self.pause != Some(Pause::Body) {
+            return;
+        }
+        let Some((id, _)) = self.body_stall.take() else {
+            return;
+        };
+        let limit = self.relay.config().pause_limit;
+        warn!(
+            request = id.as_str(),
+            limit_s = limit.as_millis() as f64 / 1000.0,
+            "the Kubernetes API stopped taking the request body: failing this request alone, the tunnel reads on"
+        );
+        let secs = limit.as_millis() as f64 / 1000.0;
+        let message = format!("the Kubernetes API took no more of the request body for {secs:.1}s");
+        let r =
+            self.requests
+                .encode_response_failed(&id, 504, &message, unix_now(), &mut self.txbuf);
+        self.response_written(&id, r.map(|n| (0, n)));
+        self.http.remove(&id);
+        self.pending = None;
+        self.body_wait = None;
+        self.resume_pending(shared, Pause::Body);
     }
 
     // ---------------------------------------------------------------------------------------------
@@ -763,6 +806,10 @@ impl Core {
                             // Stop reading the tunnel until the request task takes a chunk.
                             self.pending = Some(frame.clone());
                             self.pause = Some(Pause::Body);
+                            let limit = self.relay.config().pause_limit;
+                            let at = tokio::time::Instant::now()
+                                + std::time::Duration::from_micros(limit.as_micros());
+                            self.body_stall = Some((id.clone(), at));
                             self.body_wait = Some(Box::pin(async move {
                                 let _ = body.reserve_owned().await;
                             }));
@@ -992,6 +1039,7 @@ impl Core {
         self.pending = None;
         self.pause = None;
         self.body_wait = None;
+        self.body_stall = None;
         shared.metrics.connected.store(false, Ordering::Relaxed);
     }
 

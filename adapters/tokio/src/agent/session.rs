@@ -92,6 +92,10 @@ pub(crate) async fn run(
                 body_wait = None;
                 driver.on_body_room();
             }
+            () = sleep_until(turn.body_deadline), if turn.body_deadline.is_some() => {
+                body_wait = None;
+                driver.on_body_overdue();
+            }
             () = drain.signalled() => driver.start_draining(drain.grace()),
             () = sleep_until(grace_over) => {
                 driver.end_everything();
