@@ -9,8 +9,17 @@ use std::future::Future;
 use std::task::Waker;
 
 use futures_util::{Sink, SinkExt as _};
+use tether_core::wire::UnixTime;
 use tokio::sync::Notify;
 use tokio_tungstenite::tungstenite::{Error as WsError, Message as WsMessage};
+
+/// The wall clock as the cores stamp envelopes with it.
+pub(crate) fn unix_now() -> UnixTime {
+    let since = std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .unwrap_or_default();
+    UnixTime::new(since.as_secs(), since.subsec_nanos())
+}
 
 /// Wake-ups owed by the calls under a driver's lock, fired by [`Signals::fire`] after unlocking.
 #[derive(Debug, Default)]

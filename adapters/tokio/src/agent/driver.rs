@@ -25,14 +25,13 @@ use std::pin::Pin;
 use std::sync::atomic::Ordering;
 use std::sync::{Arc, MutexGuard, Weak};
 use std::task::{Context, Poll, Waker};
-use std::time::{SystemTime, UNIX_EPOCH};
 
 use bytes::Bytes;
 use tether_core::relay::{
     Event, Handled, MessageKind, SendError, SessionInfo, Transmit, TunnelError,
 };
 use tether_core::request::{Cancelled, RequestError, RequestEvent};
-use tether_core::wire::{Inbound, JsonStr, Outbound, UnixTime};
+use tether_core::wire::{Inbound, JsonStr, Outbound};
 use tokio::sync::mpsc;
 use tokio_tungstenite::tungstenite::protocol::CloseFrame;
 use tokio_tungstenite::tungstenite::protocol::frame::coding::CloseCode;
@@ -46,7 +45,7 @@ use super::upstream::{self, StreamSpec, ToUpstream};
 use super::{AgentRelay, AgentRequests, Shared};
 use crate::buf::Buf;
 use crate::kube::headers;
-use crate::tunnel_driver::{DriverCore, Locked, Next, Schedule, Wakeups};
+use crate::tunnel_driver::{DriverCore, Locked, Next, Schedule, Wakeups, unix_now};
 
 /// What a stream or request that arrives while the agent drains is told (HTTP 503).
 pub(crate) const DRAINING: &str =
@@ -127,7 +126,7 @@ pub(crate) struct Core {
     pub(super) txbuf: Vec<u8>,
     /// The driver this core is in, for the ports of new streams.
     me: Weak<Driver>,
-    /// Counts sessions; a port carries the one it was made in.
+    /// Counts sessions, moved on when one ends; a port carries the one it was made in.
     session: u64,
     streams: HashMap<String, StreamEntry>,
     /// Stream tasks of earlier sessions still closing their upstream.
@@ -163,13 +162,6 @@ pub(crate) struct Core {
 pub(crate) struct Driver {
     locked: Locked<Core>,
     pub(crate) shared: Shared,
-}
-
-pub(crate) fn unix_now() -> UnixTime {
-    let d = SystemTime::now()
-        .duration_since(UNIX_EPOCH)
-        .unwrap_or_default();
-    UnixTime::new(d.as_secs(), d.subsec_nanos())
 }
 
 pub(crate) fn json_string(s: JsonStr<'_>) -> String {
@@ -246,7 +238,6 @@ impl Driver {
         reports: mpsc::Sender<FromHttp>,
     ) {
         self.with(|core, shared| {
-            core.session += 1;
             core.reports = Some(reports);
             core.pending = None;
             core.pause = None;
@@ -615,24 +606,20 @@ impl Core {
                             self.wake.wakers.push(waker);
                         }
                     }
-                    Some(_) => {
-                        // Still dialling: abandon the dial (dropping the entry aborts it).
-                        let h = self.streams.remove(id);
-                        let now = shared.now();
-                        let _ = self
-                            .relay
-                            .handle_upstream_closed(now, id, close.code, &reason);
-                        if h.is_some_and(|h| h.upgrade) {
+                    _ => {
+                        // Still dialling (dropping the entry aborts the dial), or gone.
+                        let upgrade = self.streams.remove(id).is_some_and(|h| h.upgrade);
+                        let _ = self.relay.handle_upstream_closed(
+                            shared.now(),
+                            id,
+                            close.code,
+                            &reason,
+                        );
+                        if upgrade {
                             let _ =
                                 self.requests
                                     .upgrade_failed(id, 504, "upstream dial abandoned");
                         }
-                    }
-                    None => {
-                        let now = shared.now();
-                        let _ = self
-                            .relay
-                            .handle_upstream_closed(now, id, close.code, &reason);
                     }
                 }
             }
@@ -806,9 +793,7 @@ impl Core {
                             // Stop reading the tunnel until the request task takes a chunk.
                             self.pending = Some(frame.clone());
                             self.pause = Some(Pause::Body);
-                            let limit = self.relay.config().pause_limit;
-                            let at = tokio::time::Instant::now()
-                                + std::time::Duration::from_micros(limit.as_micros());
+                            let at = shared.deadline(now + self.relay.config().pause_limit);
                             self.body_stall = Some((id.clone(), at));
                             self.body_wait = Some(Box::pin(async move {
                                 let _ = body.reserve_owned().await;
@@ -1034,6 +1019,8 @@ impl Core {
             self.wake.wakers.extend(h.send.take());
             self.orphans.push((self.session, id.into(), h));
         }
+        // From here on every port of the ended session finds its stream among the orphans.
+        self.session += 1;
         self.http.clear();
         self.reports = None;
         self.pending = None;
@@ -1048,7 +1035,7 @@ impl Core {
 
     /// The entry of stream `id` of `session`: this session's, or one left from an earlier one.
     fn entry(&mut self, session: u64, id: &str) -> Option<&mut StreamEntry> {
-        if session == self.session && self.streams.contains_key(id) {
+        if session == self.session {
             return self.streams.get_mut(id);
         }
         self.orphans
@@ -1058,10 +1045,8 @@ impl Core {
     }
 
     fn remove_entry(&mut self, session: u64, id: &str) -> Option<StreamEntry> {
-        if session == self.session
-            && let Some(h) = self.streams.remove(id)
-        {
-            return Some(h);
+        if session == self.session {
+            return self.streams.remove(id);
         }
         let at = self
             .orphans

@@ -15,10 +15,11 @@ use tokio::sync::mpsc;
 use tracing::{debug, warn};
 
 use super::Shared;
-use super::driver::{Core, header_pairs, json_string, stream_spec, unix_now};
+use super::driver::{Core, header_pairs, json_string, stream_spec};
 use super::http::{self, AbortOnDrop, BodyGate, FromHttp, HttpSpec};
 use super::metrics::StreamKind;
 use crate::kube::headers;
+use crate::tunnel_driver::unix_now;
 
 /// Request body chunks queued per request task (beyond this tunnel reading pauses).
 const BODY_QUEUE: usize = 16;

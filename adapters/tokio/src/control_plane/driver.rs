@@ -24,7 +24,7 @@ use std::future::{Future, poll_fn};
 use std::sync::atomic::Ordering;
 use std::sync::{Arc, MutexGuard};
 use std::task::{Context, Poll, Waker};
-use std::time::{Duration, SystemTime, UNIX_EPOCH};
+use std::time::Duration;
 
 use http::{HeaderName, HeaderValue};
 use tether_core::gateway::{
@@ -42,7 +42,7 @@ use super::State;
 use super::link::{OpenRequest, OpenStream, OpenTcp, ToClient};
 use crate::agent::metrics::RingSampler;
 use crate::buf::Buf;
-use crate::tunnel_driver::{DriverCore, Locked, Next, Schedule, Wakeups};
+use crate::tunnel_driver::{DriverCore, Locked, Next, Schedule, Wakeups, unix_now};
 
 /// Streams and requests one tunnel carries at once. The gateway's table and rings live on the heap
 /// and grow with use (tether-core's `alloc` feature), so the capacity costs nothing until used.
@@ -480,7 +480,8 @@ impl Core {
             return Err(Refused::gone(&ctx.cluster));
         }
         let now = self.now();
-        open(&mut self.gw, now, unix(), &mut self.scratch).map_err(|e| Refused::from_open(&e))?;
+        open(&mut self.gw, now, unix_now(), &mut self.scratch)
+            .map_err(|e| Refused::from_open(&e))?;
         self.ports.insert(id.to_string(), PortState::default());
         self.wake.writer = true;
         Ok(())
@@ -688,7 +689,7 @@ impl Core {
         }
         loop {
             let now = self.now();
-            return match self.gw.poll_transmit_owned(now, unix(), &mut self.buf) {
+            return match self.gw.poll_transmit_owned(now, unix_now(), &mut self.buf) {
                 Ok(Some(Transmit::Data { header, payload })) => {
                     Next::Send(WsMessage::Binary(Buf::frame(&header, &payload)))
                 }
@@ -796,13 +797,6 @@ fn borrowed(headers: &[(Vec<u8>, Vec<u8>)]) -> Vec<(&[u8], &[u8])> {
         .iter()
         .map(|(n, v)| (n.as_slice(), v.as_slice()))
         .collect()
-}
-
-fn unix() -> UnixTime {
-    let since = SystemTime::now()
-        .duration_since(UNIX_EPOCH)
-        .unwrap_or_default();
-    UnixTime::new(since.as_secs(), since.subsec_nanos())
 }
 
 /// A client task's handle on its stream. Both directions may be driven from one task at once
